@@ -18,7 +18,7 @@ mode='random': `directions` random unit directions over all inputs at once (for 
 import numpy as np
 
 from . import backend
-from .tensor import Tensor
+from .tensor import Tensor, no_grad
 
 
 class GradcheckError(AssertionError):
@@ -34,6 +34,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="full", direction
     inputs = list(inputs)
     names = names or [f"input {i}" for i in range(len(inputs))]
     checked = [i for i, t in enumerate(inputs) if t.requires_grad]
+    if not checked:
+        raise ValueError("gradcheck has nothing to check: give at least one input requires_grad=True")
     for i in checked:
         if inputs[i].dtype != np.float64:
             raise TypeError(f"gradcheck needs float64 inputs; {names[i]} is {inputs[i].dtype}")
@@ -43,7 +45,8 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="full", direction
     weights = xp.asarray(rng.standard_normal(out.shape))  # L = sum(out * R)
 
     def loss_value():
-        return float((fn(*inputs).data * weights).sum())
+        with no_grad():  # the perturbed runs only need values
+            return float((fn(*inputs).data * weights).sum())
 
     for t in inputs:
         t.grad = None
@@ -69,7 +72,7 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, mode="full", direction
             data = inputs[i].data
             flat_grad = backend.asnumpy(analytic[i]).reshape(-1)
             for flat_index in range(data.size):
-                index = np.unravel_index(flat_index, data.shape)
+                index = tuple(int(i) for i in np.unravel_index(flat_index, data.shape))
 
                 def perturb(delta, data=data, index=index):
                     data[index] += delta

@@ -116,12 +116,12 @@ class Module:
             raise MinimosaicError(
                 f"weights do not fit this model (missing: {', '.join(missing[:5]) or 'none'}; "
                 f"unexpected: {', '.join(unexpected[:5]) or 'none'}); was it saved from another model?")
-        for name, p in params.items():
-            array = state[name]
-            if tuple(array.shape) != p.shape:
-                raise MinimosaicError(f"weight {name} has shape {tuple(array.shape)} but the model "
+        for name, p in params.items():  # check every shape first: a refused load changes nothing
+            if tuple(state[name].shape) != p.shape:
+                raise MinimosaicError(f"weight {name} has shape {tuple(state[name].shape)} but the model "
                                       f"expects {p.shape}; was it saved with another config?")
-            p.data = backend.to_device(array, p.device).astype(p.dtype, copy=True)
+        for name, p in params.items():
+            p.data = backend.to_device(state[name], p.device).astype(p.dtype, copy=True)
 
 
 class Linear(Module):

@@ -169,7 +169,7 @@ def max(a, axis=None, keepdims=False):  # noqa: A001
 
     def backward(g):
         peak = _expand_reduced(out, a.shape, axis, keepdims)
-        is_max = a.data == peak
+        is_max = (a.data == peak).astype(g.dtype)  # not bool / int: that would be float64
         share = is_max / is_max.sum(axis=axis, keepdims=True)
         return (share * _expand_reduced(g, a.shape, axis, keepdims),)
     return make_result(out, (a,), backward)
@@ -198,7 +198,7 @@ def reshape(a, *shape):
 def transpose(a, *axes):
     """z = a with its axes permuted (reversed when none are given).   dz/da: the inverse permutation."""
     axes = axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
-    axes = tuple(axes) if axes else tuple(reversed(range(a.ndim)))
+    axes = tuple(ax % a.ndim for ax in axes) if axes else tuple(reversed(range(a.ndim)))
     inverse = tuple(sorted(range(len(axes)), key=axes.__getitem__))
     return make_result(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
 

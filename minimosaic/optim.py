@@ -130,7 +130,7 @@ def clip_grad_norm(params, max_norm):
     if not grads:
         return 0.0
     xp = grads[0].xp
-    norm = xp.sqrt(sum((p.grad.astype(xp.float32) ** 2).sum() for p in grads))
+    norm = xp.sqrt(sum((p.grad * p.grad).sum() for p in grads))  # in the grads' own dtype (float64 stays)
     if max_norm and max_norm > 0:
         scale = xp.minimum(1.0, max_norm / (norm + 1e-6)).astype(grads[0].grad.dtype)
         for p in grads:

@@ -56,7 +56,7 @@ class Tensor:
     """An array with a gradient. `Tensor(np_array)` keeps the array's dtype; numbers default to float32."""
 
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward")
-    __array_priority__ = 1000  # make `ndarray * Tensor` call Tensor.__rmul__
+    __array_ufunc__ = None  # make `ndarray * Tensor` call Tensor.__rmul__ instead of a NumPy ufunc
 
     def __init__(self, data, requires_grad=False, dtype=None, device=None):
         data = _as_array(data, dtype)
@@ -116,8 +116,8 @@ class Tensor:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            if node._backward is None:  # a leaf: keep its gradient
-                node.grad = g if node.grad is None else node.grad + g
+            if node._backward is None:  # a leaf: keep its gradient, in an array of its own (g may be
+                node.grad = g.copy() if node.grad is None else node.grad + g  # shared or read-only)
                 continue
             for parent, pg in zip(node._parents, node._backward(g)):
                 if pg is None or not parent.requires_grad:
@@ -125,7 +125,13 @@ class Tensor:
                 pg = sum_to(pg, parent.shape)
                 key = id(parent)
                 grads[key] = pg if key not in grads else grads[key] + pg
-            node._parents, node._backward = (), None  # free the graph and the arrays it holds
+            node._parents, node._backward = (), _freed  # free the graph and the arrays it holds
+
+
+def _freed(g):
+    """The backward of a node whose graph was freed: a second walk would lose gradients silently."""
+    raise RuntimeError("backward() through a graph that an earlier backward() already freed: run the "
+                       "forward pass again, or add the losses and call backward() once")
 
 
 def _topological_order(root):

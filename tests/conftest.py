@@ -1,0 +1,65 @@
+"""Shared test helpers: the device parametrization and fresh random float64 inputs.
+
+Every device-aware test takes the `device` fixture (or parametrizes over DEVICES): 'cpu' always runs;
+'gpu' carries the `gpu` marker, so the default `-m 'not slow and not gpu'` deselects it, and it is
+skipped with a reason when CuPy or a CUDA GPU is missing (`pytest -m gpu` on a laptop skips cleanly).
+Nothing here imports cupy: backend.gpu_available() never raises.
+
+Tests import the helpers directly: `from conftest import DEVICES, rand_tensor`.
+"""
+import numpy as np
+import pytest
+
+from minimosaic import backend
+from minimosaic.tensor import Tensor
+
+GPU_SKIP_REASON = "CuPy with a CUDA GPU not available"
+HAVE_GPU = backend.gpu_available()
+
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason=GPU_SKIP_REASON)]
+DEVICES = ["cpu", pytest.param("gpu", marks=gpu_only, id="gpu")]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """'cpu', and 'gpu' where CuPy sees a CUDA device (marked `gpu`, deselected by default)."""
+    return request.param
+
+
+@pytest.fixture
+def rng():
+    """A fresh seeded generator per test, so each test is reproducible on its own."""
+    return np.random.default_rng(1234)
+
+
+# Input domains: where an op is smooth enough for central differences (eps = 1e-6) to be exact.
+def _real(rng, shape):
+    return rng.standard_normal(shape)
+
+
+def _positive(rng, shape):  # log, sqrt, denominators, fractional powers
+    return rng.uniform(0.5, 2.0, shape)
+
+
+def _nonzero(rng, shape):  # relu, abs: |x| >= 0.2 keeps x +- eps on one side of the kink at 0
+    return rng.choice([-1.0, 1.0], shape) * rng.uniform(0.2, 1.5, shape)
+
+
+def _off_kinks(rng, shape):  # clip to [-1, 1]: away from -1, 0 and 1
+    magnitude = np.where(rng.random(shape) < 0.5, rng.uniform(0.2, 0.8, shape), rng.uniform(1.2, 2.0, shape))
+    return rng.choice([-1.0, 1.0], shape) * magnitude
+
+
+DOMAINS = {"real": _real, "positive": _positive, "nonzero": _nonzero, "off_kinks": _off_kinks}
+
+
+def rand_array(shape, rng=None, domain="real", dtype=np.float64):
+    """A NumPy array of fresh random values from `domain` (never zeros, never a constant)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    return np.asarray(DOMAINS[domain](rng, shape), dtype=dtype)
+
+
+def rand_tensor(shape, device="cpu", rng=None, domain="real", requires_grad=True, dtype=np.float64):
+    """A random Tensor on `device` (built with xp.asarray), float64 and requiring grad by default."""
+    xp = backend.array_module(device)
+    return Tensor(xp.asarray(rand_array(shape, rng, domain, dtype)), requires_grad=requires_grad)
