@@ -1,0 +1,353 @@
+"""Language models on the engine: the Memory Mosaic and a GPT baseline with the same interface.
+
+MemoryMosaic (no positional embedding: the memories see order through leaky keys and peek-ahead values)
+
+    x = E[ids]                                          token embedding only, std 1
+    x = x + ContextMemory(LN(x));  x = x + PersistentMemory(LN(x))         per block (pre-LN residual)
+    logits = LN_f(x) @ E^T / sqrt(d)                    tied output head, logits scaled by 1/sqrt(d)
+
+GPT (nanoGPT-style pre-LN transformer, as the paper's baseline)
+
+    x = E[ids] + P[positions]
+    x = x + W_o attention(LN(x));  x = x + W_out gelu(LN(x) W_in)          causal, 1/sqrt(hs), MLP 4d
+    logits = LN_f(x) @ E^T                              tied head, standard (unscaled) logits
+    init: N(0, 0.02^2) everywhere, N(0, (0.02 / sqrt(2 n_layer))^2) for W_o and W_out (GPT-2).
+
+Parameter budget: a GPT block holds 12 d^2 weights (attention 4 d^2, MLP 8 d^2). A mosaic block holds
+W_k, W_v, W_o (context, 3 d^2) + W_k, W_o (persistent, 2 d^2) + P_k, P_v (2 * pmem_size * d); the
+default pmem_size = int(3.5 d) makes that 7 d^2, so 12 d^2 too, and both models of the same d and
+depth have nearly the same size (the GPT also has block_size * d position weights).
+
+state_dict names (d = n_embd, H = n_head, hs = d / H, V = vocab_size, i = block index; memories.py
+documents the memories' own parameters and their 10x-faster storage):
+  MemoryMosaic  token_embedding.weight (V, d)           embedding and output head (tied)
+                blocks.i.ln_1.weight (d,)               LayerNorm before the context memory (.bias with bias)
+                blocks.i.context.key.{W_k.weight (d, d), leak_rate (H,), log_scale (H,)}
+                blocks.i.context.value.{W_v.weight (d, d), peek (H,), log_scale (H,)}
+                blocks.i.context.W_o.weight (d, d)
+                blocks.i.ln_2.weight (d,)               LayerNorm before the persistent memory
+                blocks.i.persistent.key.{W_k.weight (d, d), leak_rate (H,), log_scale (H,)}
+                blocks.i.persistent.P_k, .P_v (pmem_count, H, pmem_size, hs), .log_scale (H,)
+                blocks.i.persistent.W_o.weight (d, d)
+                ln_f.weight (d,)                        final LayerNorm
+  GPT           token_embedding.weight (V, d), position_embedding.weight (block_size, d)
+                blocks.i.ln_1.weight (d,), blocks.i.attention.{W_q, W_k, W_v, W_o}.weight (d, d)
+                blocks.i.ln_2.weight (d,), blocks.i.mlp.W_in.weight (d, 4d), blocks.i.mlp.W_out.weight (4d, d)
+                ln_f.weight (d,)
+Linear weights are (in, out): y = x @ W. With bias=True every Linear and LayerNorm also has `.bias`.
+
+Generation (`generate`) keeps a cache per block. Mosaic: the leaky key sums (O(d) per new token), the
+stored keys, the completed values (v_{t-1} is finished when x_t arrives) and the last W_v x; each new
+token then costs O(t d) instead of a full pass over the sequence. The mosaic has no positions, so it
+never crops: the context memory keeps the whole text, also past block_size (beyond the lengths it was
+trained on). The GPT crops to the last block_size tokens; once the text is longer, the cached positions
+shift every token, so it recomputes the cropped window each step (as without the cache).
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from . import backend, nn, ops
+from .errors import MinimosaicError
+from .memories import (ContextMemory, PersistentMemory, attention_weights, causal_mask, merge_heads, project,
+                       softmax_attention, split_heads)
+from .tensor import no_grad
+
+MODELS = ("mosaic", "gpt")
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes a model's shape. pmem_size None means int(3.5 * n_embd) (see pmem_slots)."""
+    model: str = "mosaic"
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    pmem_size: int | None = None
+    pmem_count: int = 1
+    dropout: float = 0.0
+    bias: bool = False
+
+    @property
+    def pmem_slots(self):
+        """Persistent memory slots per head and bank: pmem_size, or int(3.5 n_embd) (12 d^2 per block)."""
+        return self.pmem_size if self.pmem_size is not None else int(3.5 * self.n_embd)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MinimosaicError(f"unknown model setting(s) {', '.join(unknown)}: "
+                                  f"use only {', '.join(sorted(known))}")
+        config = cls(**d)
+        config.validate()
+        return config
+
+    def validate(self):
+        """Raise MinimosaicError (one line: what is wrong, what to do) unless this config can work."""
+        if self.model not in MODELS:
+            raise MinimosaicError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pmem_count") + (
+                ("pmem_size",) if self.pmem_size is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise MinimosaicError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise MinimosaicError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}: "
+                                  f"pick n_head that divides n_embd")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise MinimosaicError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.bias, (bool, np.bool_)):
+            raise MinimosaicError(f"bias must be true or false, got {self.bias!r}")
+        return self
+
+
+def build_model(config):
+    """The MemoryMosaic or GPT that `config` describes, initialised from nn.init_rng (seed it with
+    nn.manual_seed first for a reproducible model)."""
+    config.validate()
+    return MemoryMosaic(config) if config.model == "mosaic" else GPT(config)
+
+
+# ---------------------------------------------------------------- shared by both models
+class LanguageModel(nn.Module):
+    """model(ids) -> logits; loss; generate (with a cache); the subclass defines forward and blocks."""
+    max_context = None  # tokens a forward pass can take (None: any number)
+
+    def loss(self, ids, targets):
+        """Mean cross entropy of next-token predictions; targets == -1 are not counted."""
+        targets = self.token_embedding.weight.xp.asarray(targets)
+        return ops.cross_entropy(self(ids), targets, ignore_index=-1)
+
+    def new_cache(self):
+        """An empty generation cache: tokens seen so far and one state dict per block."""
+        return {"length": 0, "blocks": [{} for _ in self.blocks]}
+
+    def _ids(self, ids, cache):
+        """ids as a 2-D integer array on the parameters' device; checks the length limit."""
+        ids = self.token_embedding.weight.xp.asarray(ids)
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise MinimosaicError(f"ids must be a 2-D integer array (batch, time), got {ids.dtype} "
+                                  f"{tuple(ids.shape)}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise MinimosaicError(f"token ids must lie in [0, {self.config.vocab_size}): is the tokenizer "
+                                  f"the one this model was trained with?")
+        past = 0 if cache is None else cache["length"]
+        if self.max_context is not None and past + ids.shape[1] > self.max_context:
+            raise MinimosaicError(f"{past + ids.shape[1]} tokens exceed block_size {self.max_context} of "
+                                  f"this GPT: crop the input to its last {self.max_context} tokens")
+        if cache is not None:
+            cache["length"] = past + ids.shape[1]
+        return ids, past
+
+    def _logits(self, x, scale):
+        """LN_f(x) @ E^T (* scale): (B, T, C) -> (B, T, V), as one (B*T, C) GEMM."""
+        B, T, C = x.shape
+        h = self.ln_f(x).reshape(B * T, C)
+        if scale != 1.0:
+            h = h * scale
+        return (h @ self.token_embedding.weight.T).reshape(B, T, -1)
+
+    def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
+        """Sample max_new_tokens after a 1-D prompt; returns prompt + new ids (NumPy int64).
+
+        temperature 0 picks the most likely token (greedy); top_k keeps only the k most likely.
+        use_cache=False recomputes the whole (for the GPT: cropped) text for every new token.
+        """
+        prompt = np.asarray(prompt_ids)
+        if prompt.ndim != 1 or prompt.size == 0 or prompt.dtype.kind not in "iu":
+            raise MinimosaicError("the prompt must be a non-empty 1-D sequence of token ids")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise MinimosaicError("need max_new_tokens >= 0, temperature >= 0 and top_k >= 1 (or none)")
+        rng = np.random.default_rng(seed)
+        ids = [int(i) for i in prompt]
+        window = self.max_context or len(ids) + max_new_tokens
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                cache = None
+                for _ in range(max_new_tokens):
+                    if cache is not None and cache["length"] < window:  # only the newest token
+                        logits = self(np.asarray([ids[-1:]]), cache)
+                    else:  # the whole (cropped) text, filling a fresh cache if there is one
+                        cache = self.new_cache() if use_cache else None
+                        logits = self(np.asarray([ids[-window:]]), cache)
+                    ids.append(_sample(backend.asnumpy(logits.data[0, -1]), temperature, top_k, rng))
+        finally:
+            self.train(was_training)
+        return np.asarray(ids, dtype=np.int64)
+
+
+def _sample(logits, temperature, top_k, rng):
+    """One token id from a row of logits (host array)."""
+    z = logits.astype(np.float64)
+    if temperature == 0:
+        return int(z.argmax())
+    if top_k is not None and top_k < len(z):
+        z[z < np.sort(z)[-top_k]] = -np.inf
+    p = np.exp((z - z.max()) / temperature)
+    return int(rng.choice(len(z), p=p / p.sum()))
+
+
+# ---------------------------------------------------------------- Memory Mosaic
+class MosaicBlock(nn.Module):
+    """x = x + ContextMemory(LN(x));  x = x + PersistentMemory(LN(x))."""
+
+    def __init__(self, config):
+        d, H, bias = config.n_embd, config.n_head, config.bias
+        self.ln_1 = nn.LayerNorm(d, bias=bias)
+        self.context = ContextMemory(d, H, config.n_layer, bias)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
+        self.persistent = PersistentMemory(d, H, config.pmem_slots, config.pmem_count, config.n_layer, bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, state=None):
+        x = x + self.dropout(self.context(self.ln_1(x), _sub(state, "context")))
+        return x + self.dropout(self.persistent(self.ln_2(x), _sub(state, "persistent")))
+
+
+def _sub(state, name):
+    return None if state is None else state.setdefault(name, {})
+
+
+class MemoryMosaic(LanguageModel):
+    """The Memory Mosaic language model (see the module docstring)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, std=1.0)
+        self.blocks = [MosaicBlock(config) for _ in range(config.n_layer)]
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids, cache=None):
+        """ids (B, T) integer array -> logits (B, T, V). With a cache, continue the text it holds."""
+        ids, _ = self._ids(ids, cache)
+        x = self.dropout(self.token_embedding(ids))                              # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache["blocks"][i])
+        return self._logits(x, 1 / math.sqrt(self.config.n_embd))
+
+    def inspect(self, ids):
+        """Per block: dict(context=(B, H, T, T) weights over past positions, persistent=(B, H, T,
+        pmem_size) weights over stored slots, averaged over banks), NumPy arrays."""
+        ids, _ = self._ids(ids, None)
+        found = []
+        with no_grad():
+            x = self.token_embedding(ids)
+            for block in self.blocks:
+                h = block.ln_1(x)
+                context = block.context.kernel_weights(h)
+                x = x + block.context(h)
+                h = block.ln_2(x)
+                found.append({"context": backend.asnumpy(context),
+                              "persistent": backend.asnumpy(block.persistent.kernel_weights(h))})
+                x = x + block.persistent(h)
+        return found
+
+
+# ---------------------------------------------------------------- GPT baseline
+class CausalSelfAttention(nn.Module):
+    """y = W_o [softmax(q k^T / sqrt(hs), causal) v]_heads,  q, k, v = x W_q, x W_k, x W_v."""
+
+    def __init__(self, n_embd, n_head, n_layer, bias=False):
+        self.n_head = n_head
+        self.W_q, self.W_k, self.W_v = (nn.Linear(n_embd, n_embd, bias=bias, std=0.02) for _ in range(3))
+        self.W_o = nn.Linear(n_embd, n_embd, bias=bias, std=0.02 / math.sqrt(2 * n_layer))
+
+    def _qkv(self, x, state=None):
+        q, k, v = (split_heads(project(W, x), self.n_head) for W in (self.W_q, self.W_k, self.W_v))
+        past = 0
+        if state is not None:
+            if "keys" in state:
+                past = state["keys"].shape[2]
+                k = ops.concatenate([state["keys"], k], axis=2)
+                v = ops.concatenate([state["values"], v], axis=2)
+            state["keys"], state["values"] = k.data, v.data
+        return q, k, v, past
+
+    def forward(self, x, state=None):
+        B, T, C = x.shape
+        q, k, v, past = self._qkv(x, state)
+        mask = causal_mask(q.xp, T, past, include_present=True)
+        y = softmax_attention(q, k, v, mask=mask, scale=(C // self.n_head) ** -0.5)
+        return self.W_o(merge_heads(y)).reshape(B, T, C)
+
+    def kernel_weights(self, x):
+        """Attention weights (B, H, T, T), raw array."""
+        q, k, _, _ = self._qkv(x)
+        T = q.shape[2]
+        return attention_weights(q.data, k.data, causal_mask(q.xp, T, 0, True), q.shape[3] ** -0.5)
+
+
+class MLP(nn.Module):
+    """y = gelu(x W_in) W_out,  W_in (d, 4d), W_out (4d, d)."""
+
+    def __init__(self, n_embd, n_layer, bias=False):
+        self.W_in = nn.Linear(n_embd, 4 * n_embd, bias=bias, std=0.02)
+        self.W_out = nn.Linear(4 * n_embd, n_embd, bias=bias, std=0.02 / math.sqrt(2 * n_layer))
+
+    def forward(self, x):
+        return project(self.W_out, ops.gelu(project(self.W_in, x)))
+
+
+class GPTBlock(nn.Module):
+    """x = x + attention(LN(x));  x = x + MLP(LN(x))."""
+
+    def __init__(self, config):
+        d, bias = config.n_embd, config.bias
+        self.ln_1 = nn.LayerNorm(d, bias=bias)
+        self.attention = CausalSelfAttention(d, config.n_head, config.n_layer, bias)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
+        self.mlp = MLP(d, config.n_layer, bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, state=None):
+        x = x + self.dropout(self.attention(self.ln_1(x), state))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
+
+
+class GPT(LanguageModel):
+    """The GPT baseline (see the module docstring)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.max_context = config.block_size
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, std=0.02)
+        self.position_embedding = nn.Embedding(config.block_size, config.n_embd, std=0.02)
+        self.blocks = [GPTBlock(config) for _ in range(config.n_layer)]
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, ids, cache=None):
+        """ids (B, T) integer array, T <= block_size (with the cache: in all) -> logits (B, T, V)."""
+        ids, past = self._ids(ids, cache)
+        x = self.dropout(self._embed(ids, past))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache["blocks"][i])
+        return self._logits(x, 1.0)
+
+    def _embed(self, ids, past):
+        positions = self.token_embedding.weight.xp.arange(past, past + ids.shape[1])
+        return self.token_embedding(ids) + self.position_embedding(positions)    # (B, T, C)
+
+    def inspect(self, ids):
+        """Per block: dict(context=(B, H, T, T) attention weights), NumPy arrays."""
+        ids, _ = self._ids(ids, None)
+        found = []
+        with no_grad():
+            x = self._embed(ids, 0)
+            for block in self.blocks:  # the block's forward without dropout
+                h = block.ln_1(x)
+                found.append({"context": backend.asnumpy(block.attention.kernel_weights(h))})
+                x = x + block.attention(h)
+                x = x + block.mlp(block.ln_2(x))
+        return found
