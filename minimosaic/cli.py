@@ -1,17 +1,47 @@
 """The `minimosaic` command line: a thin Typer layer that turns options into calls of the modules.
 
-User mistakes raise MinimosaicError; `main()` prints its one-line message and exits with code 2.
-"""
-import sys
+    minimosaic train                 a small Memory Mosaic on the embedded stories, on the CPU
+    minimosaic sample runs/X         text from a trained run (cached generation)
+    minimosaic eval runs/X           validation loss, perplexity, loss by position in the context
+    minimosaic explain runs/X -p ..  what each memory retrieved for each position of a prompt
+    minimosaic plot runs/X           loss curves from the run's log.jsonl
+    minimosaic data                  named datasets and where they are cached
 
+User mistakes raise MinimosaicError (or are usage errors); `main()` prints one line and exits with code 2.
+"""
+import csv
+import dataclasses
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
 import typer
 
-from . import __version__
+try:  # recent Typer carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:
+    from click import exceptions as click_exceptions
+
+from . import __version__, backend, data as datasets, plots
+from . import train as trainer
 from .errors import MinimosaicError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="minimosaic: train, sample and inspect Memory Mosaics (and a GPT baseline) "
                        "built from scratch on NumPy/CuPy.")
+
+
+class ModelName(str, Enum):
+    mosaic = "mosaic"
+    gpt = "gpt"
+
+
+class Level(str, Enum):
+    char = "char"
+    token = "token"
 
 
 @app.callback()
@@ -25,10 +55,429 @@ def version():
     typer.echo(__version__)
 
 
-def main():
-    """Entry point: Typer handles usage errors (exit 2); a MinimosaicError becomes one line, exit 2."""
+# ----------------------------------------------------------------------------------------------------
+# train
+
+def _opt(help_text, shown=None, key=None):
+    """An option whose value None means "not given": the preset (or the built-in default) decides."""
+    if shown is None:
+        in_a_preset = any(key in preset for preset in trainer.PRESETS.values())
+        defaults = {**dataclasses.asdict(trainer.ModelConfig()), **dataclasses.asdict(trainer.TrainConfig())}
+        shown = "from --preset" if in_a_preset else str(defaults[key])
+    return typer.Option(None, help=help_text, show_default=shown)
+
+
+def _preset_summary():
+    rows = []
+    for name, p in trainer.PRESETS.items():
+        rows.append(f"{name}: {p['n_layer']} layers x {p['n_embd']} wide, {p['n_head']} heads, block "
+                    f"{p['block_size']}, batch {p['batch_size']}, {p['steps']} steps at lr {p['lr']:g}")
+    return "\n\n".join(rows)
+
+
+class ConsoleLogger(trainer.TrainLogger):
+    """Training progress on the terminal: a rich progress bar on a TTY, plain lines otherwise."""
+
+    def __init__(self):
+        from rich.console import Console
+        self.console = Console(highlight=False)
+        self.bar = self.console.is_terminal
+        self.progress = None
+
+    def begin(self, info):
+        m, t = info["model_config"], info["train_config"]
+        pmem = f" pmem_size {trainer.ModelConfig(**m).pmem_slots}" if m["model"] == "mosaic" else ""
+        lines = [
+            f"model    {m['model']}: n_layer {m['n_layer']} n_head {m['n_head']} n_embd {m['n_embd']} "
+            f"block_size {m['block_size']}{pmem} dropout {m['dropout']} vocab {m['vocab_size']}"
+            f" | {info['n_params']:,} parameters",
+            f"data     {info['dataset']} ({t['level']} level) | train {info['train_tokens']:,} tokens, "
+            f"validation {info['val_tokens']:,}",
+            f"train    steps {t['steps']} | batch {t['batch_size']} x accum {t['grad_accum']} x block "
+            f"{m['block_size']} = {info['tokens_per_step']:,} tokens/step | lr {t['lr']:g} -> "
+            f"{t['min_lr']:g}, warmup {t['warmup']} | weight_decay {t['weight_decay']:g} grad_clip "
+            f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']}",
+            f"out      {t['out']}"
+            + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
+        ]
+        for line in lines:
+            typer.echo(line)
+        self.total = t["steps"]
+        if self.bar:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+            self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                     TextColumn("eta"), TimeRemainingColumn(), console=self.console)
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=self.total, completed=info["start_step"],
+                                               stats="")
+
+    def log(self, r):
+        stats = f"loss {r['loss']:.4f} | {r['tokens_per_s']:,.0f} tok/s"
+        line = (f"step {r['step']:>6}/{self.total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+                f"grad_norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
+        if "val_loss" in r:
+            line += f" | val_loss {r['val_loss']:.4f}"
+        if self.progress is None:
+            typer.echo(line)
+            return
+        self.progress.update(self.task, completed=r["step"], stats=stats)
+        if "val_loss" in r:
+            self.progress.console.print(line)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def end(self, result):
+        self.close()
+
+
+def _default_out(model, level, data):
+    name = datasets.EMBEDDED if data is None else (data if data in datasets.DATASETS else Path(data).stem)
+    return str(Path("runs") / f"{model}-{level}-{name}")
+
+
+@app.command(help="Train a Memory Mosaic (or GPT) language model; checkpoints, log.jsonl and loss.png "
+                  "go to --out. Options left out come from the preset:\n\n" + _preset_summary())
+def train(
+    model: ModelName = _opt("which model", shown="mosaic"),
+    level: Level = _opt("characters or subword tokens", shown="char"),
+    tokenizer: str = _opt("level token: 'bpe' (learned on the data, offline) or a tiktoken encoding "
+                          "such as 'gpt2'", shown="bpe"),
+    vocab_size: int = _opt("BPE vocabulary size to learn (level token, tokenizer bpe)", key="vocab_size"),
+    data: str = _opt("a UTF-8 text file or a named dataset (see `minimosaic data`)",
+                     shown="the embedded stories"),
+    data_dir: Path = _opt("where named datasets and encoded ids are cached",
+                          shown="$MINIMOSAIC_DATA_DIR or ~/.cache/minimosaic"),
+    preset: str = _opt(f"model size and training settings: {', '.join(trainer.PRESETS)}",
+                       shown="char-tiny for char, tok-small for token"),
+    n_layer: int = _opt("blocks", key="n_layer"),
+    n_head: int = _opt("heads per memory (must divide n_embd)", key="n_head"),
+    n_embd: int = _opt("embedding width", key="n_embd"),
+    block_size: int = _opt("context length in tokens", key="block_size"),
+    batch_size: int = _opt("sequences per micro-batch", key="batch_size"),
+    pmem_size: int = _opt("persistent memory slots (mosaic)", key="pmem_size"),
+    dropout: float = _opt("dropout probability", key="dropout"),
+    lr: float = _opt("peak learning rate", key="lr"),
+    min_lr: float = _opt("learning rate at the end of the cosine decay", key="min_lr"),
+    warmup: int = _opt("linear warmup steps", key="warmup"),
+    steps: int = _opt("optimizer steps in all (a resumed run may raise it)", key="steps"),
+    weight_decay: float = _opt("AdamW weight decay (matrices only)", key="weight_decay"),
+    grad_clip: float = _opt("clip the global gradient norm to this (0: off)", key="grad_clip"),
+    grad_accum: int = _opt("micro-batches per optimizer step", key="grad_accum"),
+    eval_interval: int = _opt("evaluate and checkpoint every this many steps", key="eval_interval"),
+    eval_batches: int = _opt("validation batches per evaluation", key="eval_batches"),
+    log_interval: int = _opt("steps per log line", key="log_interval"),
+    seed: int = _opt("random seed (weights, batches, dropout)", key="seed"),
+    device: str = _opt("cpu or gpu (needs CuPy)", shown="cpu"),
+    out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
+):
+    overrides = dict(model=model and model.value, level=level and level.value, tokenizer=tokenizer,
+                     vocab_size=vocab_size, data=data, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     block_size=block_size, batch_size=batch_size, pmem_size=pmem_size, dropout=dropout,
+                     lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, weight_decay=weight_decay,
+                     grad_clip=grad_clip, grad_accum=grad_accum, eval_interval=eval_interval,
+                     eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device)
+    if resume:
+        if out is None:
+            out = Path(_default_out((model and model.value) or "mosaic", (level and level.value) or "char",
+                                    data))
+        meta = trainer.read_run_meta(out)
+        saved_model = {k: v for k, v in meta["model_config"].items() if k != "vocab_size"}
+        model_config, config = trainer.resolve_config(preset, dict(overrides, out=str(out)),
+                                                      base={**meta["train_config"], **saved_model})
+        model_config.vocab_size = meta["model_config"]["vocab_size"]
+        trainer.check_resume(meta, model_config, config, directory=out)  # before the data is loaded
+        saved_tokenizer = datasets.tokenizer_from_spec(meta["tokenizer"])
+    else:
+        preset = preset or trainer.DEFAULT_PRESET[(level and level.value) or "char"]
+        model_config, config = trainer.resolve_config(preset, overrides)
+        if config.level == "char" and (vocab_size is not None or tokenizer is not None):
+            raise MinimosaicError("--vocab-size and --tokenizer apply to --level token only: "
+                                  "drop them, or add --level token")
+        config.out = str(out) if out is not None else _default_out(model_config.model, config.level,
+                                                                   config.data)
+        model_config.validate()
+        trainer.prepare_out(config.out, resume=False)
+        saved_tokenizer = None
+    backend.array_module(config.device)  # fail now, not after the data is tokenized
+    corpus = trainer.prepare_data(config, data_dir, tokenizer=saved_tokenizer)
+    model_config.vocab_size = corpus.tokenizer.vocab_size
+    logger = ConsoleLogger()
     try:
-        app()
+        result = trainer.train(model_config, config, corpus, resume=resume, logger=logger)
+    finally:
+        logger.close()
+    records = trainer.read_log(result.out)
+    if records:
+        png = plots.plot_losses(records, result.out / "loss.png",
+                                title=f"{model_config.model} on {corpus.name}")
+        typer.echo(f"loss curves: {png}")
+    if result.interrupted:
+        typer.echo(f"interrupted at step {result.step}: saved {result.out / 'latest.npz'}; continue with "
+                   f"`minimosaic train --out {result.out} --resume`")
+        raise typer.Exit(130)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+    typer.echo(f"done: step {result.step}, val_loss {val} (best {best}), {result.elapsed_s:.0f}s; "
+               f"try `minimosaic sample {result.out}`")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample, eval, explain, plot
+
+_RUN = typer.Argument(..., help="run folder written by `minimosaic train`", show_default=False)
+_CHECKPOINT = typer.Option(None, "--checkpoint", help="best or latest",
+                           show_default="best if there, else latest")
+_DEVICE = typer.Option("cpu", help="cpu or gpu (needs CuPy)")
+
+
+def _encode_prompt(tokenizer, text, block_size=None):
+    ids = tokenizer.encode(text) if text else []
+    if not ids:  # an empty prompt: start from a newline (or id 0 when the vocabulary has none)
+        try:
+            ids = tokenizer.encode("\n")
+        except MinimosaicError:
+            ids = []
+        ids = ids or [0]
+    return np.asarray(ids if block_size is None else ids[-block_size:], dtype=np.int64)
+
+
+@app.command()
+def sample(
+    directory: Path = _RUN,
+    prompt: str = typer.Option("", "--prompt", "-p", help="text to continue", show_default="a newline"),
+    prompt_file: Path = typer.Option(None, help="read the prompt from this UTF-8 file"),
+    max_new_tokens: int = typer.Option(500, help="tokens to generate per sample"),
+    temperature: float = typer.Option(0.8, help="softmax temperature: lower is more conservative, 0 always "
+                                      "picks the most likely token"),
+    top_k: int = typer.Option(None, help="sample among the k most likely tokens only", show_default="all"),
+    num_samples: int = typer.Option(1, help="independent samples"),
+    seed: int = typer.Option(1337, help="random seed (sample i uses seed + i)"),
+    device: str = _DEVICE,
+    checkpoint: str = _CHECKPOINT,
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute the whole context at each token "
+                                  "(slow; the reference the cache is checked against)"),
+):
+    """Generate text from a trained run (with the incremental cache)."""
+    if prompt_file is not None:
+        prompt = datasets.read_text_file(prompt_file)
+    if not temperature >= 0:
+        raise MinimosaicError(f"--temperature {temperature}: use a value >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise MinimosaicError(f"--top-k {top_k}: use a value >= 1, or leave it out to sample from all tokens")
+    if max_new_tokens < 0 or num_samples < 1:
+        raise MinimosaicError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
+    ids = _encode_prompt(tokenizer, prompt)
+    for i in range(num_samples):
+        if i:
+            typer.echo("-" * 60)
+        out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i,
+                             use_cache=not no_cache)
+        typer.echo(tokenizer.decode(out))
+
+
+@app.command("eval")
+def evaluate(
+    directory: Path = _RUN,
+    data: str = typer.Option(None, help="evaluate on another text file or dataset",
+                             show_default="the run's data"),
+    data_dir: Path = typer.Option(None, help="where named datasets are cached",
+                                  show_default="$MINIMOSAIC_DATA_DIR or ~/.cache/minimosaic"),
+    batch_size: int = typer.Option(None, help="windows per forward pass", show_default="the run's"),
+    max_batches: int = typer.Option(None, help="stop after this many batches",
+                                    show_default="the whole split"),
+    per_position: bool = typer.Option(False, "--per-position", help="write the loss at each position of the "
+                                      "context window to per_position.png and .csv in the run folder"),
+    device: str = _DEVICE,
+    checkpoint: str = _CHECKPOINT,
+):
+    """Validation loss and perplexity over the whole validation split (bits per character at char level)."""
+    model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
+    config = trainer.TrainConfig(**meta["train_config"])
+    if data is not None:
+        config.data = data
+    corpus = trainer.prepare_data(config, data_dir, tokenizer=tokenizer)
+    block = model.config.block_size
+    loss, by_position = trainer.loss_by_position(model, corpus.val_ids, block,
+                                                 batch_size or config.batch_size,
+                                                 backend.normalize_device(device), max_batches)
+    unit = "bits per character" if config.level == "char" else "bits per token"
+    typer.echo(f"{corpus.name} validation ({len(corpus.val_ids):,} tokens, step {meta['step']}): "
+               f"loss {loss:.4f} nats | perplexity {math.exp(loss):.3f} | {loss / math.log(2):.4f} {unit}")
+    if per_position:
+        n = max(1, block // 8)
+        typer.echo(f"loss at positions 0-{n - 1}: {by_position[:n].mean():.4f}; at the last {n}: "
+                   f"{by_position[-n:].mean():.4f}")
+        csv_path = Path(directory) / "per_position.csv"
+        with open(csv_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["position", "loss"])
+            writer.writerows([t, f"{v:.6f}"] for t, v in enumerate(by_position))
+        png = plots.plot_per_position(by_position, Path(directory) / "per_position.png",
+                                      title=f"loss by position ({corpus.name}, step {meta['step']})")
+        typer.echo(f"wrote {png} and {csv_path}")
+
+
+def _token_label(tokenizer, token_id):
+    return repr(tokenizer.decode([int(token_id)]))[1:-1].replace(" ", "␣") or "∅"
+
+
+@app.command()
+def explain(
+    directory: Path = _RUN,
+    prompt: str = typer.Option(..., "--prompt", "-p", help="text to explain (short: a row per token)"),
+    top: int = typer.Option(3, help="retrievals shown per head"),
+    layer: list[int] = typer.Option(None, help="layers to show (repeat the option)", show_default="all"),
+    heatmap: Path = typer.Option(None, help="also write the retrieval weights as a PNG heat map"),
+    device: str = _DEVICE,
+    checkpoint: str = _CHECKPOINT,
+):
+    """For each position of a prompt: which past positions each context memory retrieved (per layer and
+    head, with their tokens and weights) and which persistent-memory slots answered most."""
+    from rich.console import Console
+    from rich.table import Table
+
+    model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
+    ids = _encode_prompt(tokenizer, prompt, model.config.block_size)
+    inspection = model.inspect(ids[None])  # per layer: context (1, H, T, T), persistent (1, H, T, P)
+    layers = layer or list(range(len(inspection)))
+    bad = [i for i in layers if not 0 <= i < len(inspection)]
+    if bad:
+        raise MinimosaicError(f"--layer {bad[0]}: this model has layers 0..{len(inspection) - 1}")
+    labels = [_token_label(tokenizer, i) for i in ids]
+    console = Console(highlight=False)
+    for i in layers:
+        context = inspection[i]["context"][0]  # (H, T, T)
+        persistent = inspection[i].get("persistent")
+        memory = "context memory" if meta["model_config"]["model"] == "mosaic" else "attention"
+        table = Table(title=f"layer {i}: top {memory} retrievals (token@position weight)"
+                      + (" and persistent slots" if persistent is not None else ""), show_lines=True)
+        table.add_column("pos", justify="right")
+        table.add_column("token")
+        for h in range(context.shape[0]):
+            table.add_column(f"head {h}")
+        for t in range(len(ids)):
+            cells = []
+            for h in range(context.shape[0]):
+                weights = context[h, t]
+                best = [s for s in np.argsort(-weights, kind="stable")[:top] if weights[s] > 0]
+                lines = [f"{labels[s]}@{s} {weights[s]:.2f}" for s in best]
+                if persistent is not None:
+                    slots = np.argsort(-persistent[0, h, t], kind="stable")[:top]
+                    lines.append("slots " + ", ".join(f"{s} {persistent[0, h, t, s]:.2f}" for s in slots))
+                cells.append("\n".join(lines) or "-")
+            table.add_row(str(t), labels[t], *cells)
+        console.print(table)
+    if heatmap is not None:
+        png = plots.plot_retrieval([inspection[i]["context"][0] for i in layers], labels, heatmap,
+                                   title=f"retrieval weights, layers {layers}")
+        typer.echo(f"wrote {png}")
+
+
+@app.command()
+def plot(
+    directory: Path = _RUN,
+    out: Path = typer.Option(None, help="PNG to write", show_default="<run folder>/loss.png"),
+):
+    """Plot the training and validation loss of a run (from its log.jsonl) against steps and tokens."""
+    records = trainer.read_log(directory)
+    if not any("loss" in r for r in records):
+        raise MinimosaicError(f"{directory}/log.jsonl has no records yet: train for at least one log "
+                              f"interval")
+    png = plots.plot_losses(records, out or Path(directory) / "loss.png", title=str(directory))
+    typer.echo(f"wrote {png}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# data
+
+data_app = typer.Typer(help="List the named datasets and where they are cached; download one.")
+app.add_typer(data_app, name="data")
+_DATA_DIR = typer.Option(None, help="the data directory",
+                         show_default="$MINIMOSAIC_DATA_DIR or ~/.cache/minimosaic")
+
+
+@data_app.callback(invoke_without_command=True)
+def data_main(ctx: typer.Context, data_dir: Path = _DATA_DIR):
+    """List the named datasets (same as `minimosaic data list`)."""
+    if ctx.invoked_subcommand is None:
+        data_list(data_dir)
+
+
+@data_app.command("list")
+def data_list(data_dir: Path = _DATA_DIR):
+    """List the named datasets, whether each is cached, and where."""
+    typer.echo(f"data directory: {data_dir or datasets.default_data_dir()}")
+    for row in datasets.list_datasets(data_dir):
+        where = "generated on the fly" if row["path"] is None else (
+            row["path"] if row["cached"]
+            else f"not downloaded yet (`minimosaic data download {row['name']}`)")
+        typer.echo(f"  {row['name']:<12} {row['description']}\n  {'':<12} {where}")
+
+
+@data_app.command("download")
+def data_download(name: str = typer.Argument(..., help="dataset name"), data_dir: Path = _DATA_DIR):
+    """Download a named dataset into the data directory (checked against its sha256)."""
+    typer.echo(f"{name}: {datasets.download_dataset(name, data_dir)}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench
+
+@app.command(help="Time training steps (forward + backward + AdamW) and generation on random tokens; "
+                  "optionally the official PyTorch code side by side (--reference-file).")
+def bench(
+    preset: str = typer.Option("char-small", help="size preset: char-small, char-medium, tok-small, "
+                                                  "gpt2-small-like (GPU)"),
+    model: str = typer.Option("both", help="mosaic, gpt or both"),
+    override: list[str] = typer.Option([], "--set", help="override a size, e.g. --set n_layer=2 "
+                                                          "(repeatable)"),
+    device: str = typer.Option("cpu", help="cpu or gpu"),
+    steps: int = typer.Option(15, help="timed training steps (after the warm-up)"),
+    warmup: int = typer.Option(3, help="untimed warm-up steps"),
+    reference_file: Path = typer.Option(None, help="a copy of the official nanoMosaics/mosaic_model.py "
+                                                   "(needs torch); never commit it"),
+    reference_gpt_file: Path = typer.Option(None, help="a copy of the official nanoMosaics/gpt_model.py"),
+    generation: bool = typer.Option(True, help="also time generation with and without the cache"),
+    gen_context: int = typer.Option(512, help="context length reached by the generation benchmark"),
+    threads: int = typer.Option(None, help="BLAS/torch threads for both sides [default: NumPy's]"),
+    json_out: Path = typer.Option(None, "--json", help="also write the results as JSON here"),
+):
+    from . import bench as benchmarks
+
+    result = benchmarks.run_bench(
+        preset=preset, model=model, overrides=benchmarks.parse_overrides(override), device=device,
+        steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
+        generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
+        progress=lambda line: typer.echo(line, err=True))
+    typer.echo(benchmarks.format_table(result))
+
+
+def main(argv=None):
+    """Entry point. Usage errors and MinimosaicErrors become one line on stderr and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="minimosaic", standalone_mode=False)
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2
+        typer.echo(error.ctx.get_help())
+        code = 0
+    except click_exceptions.UsageError as error:
+        where = error.ctx.command_path if error.ctx else "minimosaic"
+        typer.echo(f"error: {error.format_message()} (see `{where} --help`)", err=True)
+        code = 2
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        code = 1
     except MinimosaicError as error:
         typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+        code = 2
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

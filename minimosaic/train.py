@@ -1,0 +1,513 @@
+"""The training loop: AdamW, warmup + cosine decay, clipping, accumulation, evaluation, checkpoints.
+
+One optimizer step (nanoGPT's loop, written out):
+
+    for each of grad_accum micro-steps:  loss = model.loss(x, y) on a fresh batch;  (loss / accum).backward()
+    grad_norm = clip_grad_norm(params, grad_clip)        # global L2 norm, then scaled down to grad_clip
+    optimizer.step(lr=schedule(step))                     # AdamW, betas (0.9, 0.95), decay on matrices only
+
+Every `eval_interval` steps (and at the end) the model is scored on the same fixed validation batches,
+`latest.npz` is written (and `best.npz` when the validation loss improved). A checkpoint holds
+everything a run depends on: weights, AdamW moments, the batch sampler's and dropout's random states,
+the configs and the tokenizer, so `resume` continues exactly where the run stopped: on the CPU a
+resumed run logs the same losses, step for step, as one that never stopped.
+
+Nothing here prints: progress goes to a `logger` object (`TrainLogger` is the silent default; the CLI
+passes one that draws a progress bar), and one JSON line per log interval goes to `<out>/log.jsonl`.
+On a GPU the loss and grad norm stay device scalars between log intervals: reading one as a Python
+float waits for the GPU, so that happens once per interval, not once per step.
+"""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import backend, checkpoint, nn, optim
+from .data import (BatchSampler, build_tokenizer, check_split_lengths, encode_dataset, eval_batches,
+                   load_text, sequential_batches, tokenizer_from_spec)
+from .checkpoint import checkpoint_path
+from .errors import MinimosaicError
+from .models import ModelConfig, build_model
+from .tensor import no_grad
+
+LATEST, BEST = "latest", "best"
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a run that is not the model: data, optimisation, evaluation, where it goes."""
+    # data
+    data: str | None = None          # a file path, a dataset name, or None for the embedded stories
+    level: str = "char"              # 'char' or 'token'
+    tokenizer: str = "bpe"           # level 'token': 'bpe' (trained on the text) or a tiktoken name
+    vocab_size: int = 1024           # BPE vocabulary to learn (the model's comes from the tokenizer)
+    # optimisation
+    steps: int = 2000
+    batch_size: int = 32
+    grad_accum: int = 1              # micro-batches per step: effective batch = batch_size * grad_accum
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0           # 0 turns clipping off
+    seed: int = 1337
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    device: str = "cpu"
+    out: str = "runs/run"
+
+    def validate(self):
+        at_least = dict(steps=1, batch_size=1, grad_accum=1, eval_interval=1, eval_batches=1,
+                        log_interval=1, warmup=0, vocab_size=257)
+        for name, low in at_least.items():
+            if int(getattr(self, name)) < low:
+                raise MinimosaicError(f"{name.replace('_', '-')} is {getattr(self, name)}: it must be "
+                                      f"at least {low}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise MinimosaicError(f"{name.replace('_', '-')} is {value}: it must be a number >= 0")
+        if self.lr == 0:
+            raise MinimosaicError("lr is 0: nothing would be learned; use e.g. --lr 1e-3")
+        if self.level not in ("char", "token"):
+            raise MinimosaicError(f"unknown level {self.level!r}: use 'char' or 'token'")
+        self.device = backend.normalize_device(self.device)
+        return self
+
+
+# Presets: a model size with the training settings that suit it. 'char-tiny' is the default: it trains
+# on two CPU cores in a few minutes; the others want a GPU (or patience).
+PRESETS = {
+    "char-tiny": dict(level="char", n_layer=2, n_head=4, n_embd=64, block_size=64, pmem_size=256,
+                      batch_size=16, steps=1500, lr=3e-3, min_lr=3e-4, warmup=100, eval_interval=250,
+                      eval_batches=10, log_interval=25),
+    "char-small": dict(level="char", n_layer=4, n_head=4, n_embd=128, block_size=128, pmem_size=512,
+                       batch_size=32, steps=5000, lr=1e-3, min_lr=1e-4, warmup=200, eval_interval=500),
+    "char-medium": dict(level="char", n_layer=6, n_head=6, n_embd=384, block_size=256, pmem_size=1536,
+                        batch_size=16, steps=5000, lr=1e-3, min_lr=1e-4, warmup=200, dropout=0.2,
+                        eval_interval=500),
+    "tok-small": dict(level="token", tokenizer="bpe", vocab_size=8192, n_layer=4, n_head=4, n_embd=256,
+                      block_size=256, pmem_size=1024, batch_size=8, steps=5000, lr=6e-4, min_lr=6e-5,
+                      warmup=200, eval_interval=500),
+}
+DEFAULT_PRESET = {"char": "char-tiny", "token": "tok-small"}
+
+_MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}  # vocab: from the tokenizer
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve_config(preset=None, overrides=None, base=None):
+    """(ModelConfig, TrainConfig) from, in increasing priority: the defaults, `base` (a dict such as a
+    checkpoint's configs merged), the preset, then `overrides` (None values are ignored).
+
+    The model's vocab_size is left for the tokenizer to decide (see `prepare_data`).
+    """
+    values = dict(base or {})
+    if preset is not None:
+        if preset not in PRESETS:
+            raise MinimosaicError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        values.update(PRESETS[preset])
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - _MODEL_KEYS - _TRAIN_KEYS - {"vocab_size"})
+    if unknown:
+        raise MinimosaicError(f"unknown setting(s) {', '.join(unknown)}: known are "
+                              f"{', '.join(sorted(_MODEL_KEYS | _TRAIN_KEYS))}")
+    model_config = ModelConfig(**{k: v for k, v in values.items() if k in _MODEL_KEYS})
+    train_config = TrainConfig(**{k: v for k, v in values.items() if k in _TRAIN_KEYS})
+    return model_config, train_config.validate()
+
+
+@dataclass
+class Data:
+    """A tokenized corpus: the tokenizer, both splits of ids, and where the text came from."""
+    tokenizer: object
+    train_ids: np.ndarray
+    val_ids: np.ndarray
+    name: str            # 'stories', 'shakespeare', or a file's stem
+    source: str | None   # what was asked for (a path or a name; None for the embedded stories)
+    text_sha256: str     # so a resumed run can tell that it is given the same text
+
+
+def prepare_data(config, data_dir=None, tokenizer=None):
+    """Load the text of `config.data`, build (or reuse) the tokenizer and encode both splits."""
+    text, name = load_text(config.data, data_dir)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config.level, text, config.tokenizer, config.vocab_size)
+    cache = Path(data_dir).expanduser() / "encoded" if data_dir is not None else None
+    train_ids, val_ids = encode_dataset(text, tokenizer, cache_dir=cache)
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return Data(tokenizer, train_ids, val_ids, name, config.data, sha)
+
+
+class TrainLogger:
+    """What `train` reports to. Subclass it to show progress; every method may be left out."""
+
+    def begin(self, info):
+        """Once before the first step. info: model_config, train_config (dicts), n_params, start_step,
+        dataset, train_tokens, val_tokens, tokens_per_step."""
+
+    def log(self, record):
+        """One record per log interval: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s,
+        and val_loss at evaluation steps (the same dict that goes to log.jsonl)."""
+
+    def checkpoint(self, path, step):
+        """A checkpoint was written."""
+
+    def end(self, result):
+        """After the last step (or an interruption), with the TrainResult."""
+
+
+@dataclass
+class TrainResult:
+    model: object
+    step: int
+    val_loss: float | None
+    best_val_loss: float | None
+    out: Path
+    interrupted: bool = False
+    elapsed_s: float = 0.0
+
+
+def evaluate(model, batches, device):
+    """Mean loss over fixed batches, with dropout off and no graph; the model goes back to train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            total = sum(model.loss(backend.to_device(x, device), backend.to_device(y, device)).data
+                        for x, y in batches)
+    finally:
+        model.train(was_training)
+    return float(total) / len(batches)
+
+
+def loss_by_position(model, ids, block_size, batch_size, device, max_batches=None):
+    """(mean loss, loss at each position of the context window (T,)) over non-overlapping windows of `ids`.
+
+    The per-position curve is the paper's in-context-learning plot: a model that uses its context
+    predicts later positions better than early ones.
+    """
+    model.eval()
+    sums, count = np.zeros(block_size), 0
+    with no_grad():
+        for i, (x, y) in enumerate(sequential_batches(ids, block_size, batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = model(backend.to_device(x, device)).data  # (B, T, V)
+            xp = backend.get_array_module(logits)
+            logits = logits.astype(xp.float32)
+            m = logits.max(axis=-1, keepdims=True)
+            logsumexp = (m + xp.log(xp.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]  # (B, T)
+            target = xp.take_along_axis(logits, backend.to_device(y, device)[..., None], axis=-1)[..., 0]
+            losses = backend.asnumpy(logsumexp - target).astype(np.float64)  # (B, T)
+            sums += losses.sum(axis=0)
+            count += len(losses)
+    per_position = sums / max(count, 1)
+    return float(per_position.mean()), per_position
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state():
+    """NumPy's global generator (dropout masks on the CPU) as JSON."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_rng_state(state):
+    name, keys, pos, has_gauss, cached = state
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _arrays(model, optimizer=None):
+    """Host copies of the weights (and AdamW moments), so a checkpoint loads on any device."""
+    arrays = {f"model.{k}": backend.asnumpy(v) for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        for i, (m, v) in enumerate(zip(optimizer.m, optimizer.v)):
+            arrays[f"optim.m.{i}"], arrays[f"optim.v.{i}"] = backend.asnumpy(m), backend.asnumpy(v)
+    return arrays
+
+
+def _model_state(arrays):
+    return {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+
+
+def load_run(directory, name=None, device="cpu"):
+    """(model, tokenizer, meta) from `<directory>/<name>.npz`; name None: best if there, else latest."""
+    directory = Path(directory)
+    if name is None:
+        name = BEST if checkpoint_path(directory, BEST).exists() else LATEST
+    if not checkpoint_path(directory, name).exists():
+        raise MinimosaicError(f"no checkpoint {checkpoint_path(directory, name)}: train one first with "
+                              f"`minimosaic train --out {directory}`")
+    arrays, meta = checkpoint.load_checkpoint(directory, name)
+    model_config = ModelConfig.from_dict(meta["model_config"])
+    model = build_model(model_config)
+    model.load_state_dict(_model_state(arrays))
+    model.to(device).eval()
+    return model, tokenizer_from_spec(meta["tokenizer"]), meta
+
+
+def read_run_meta(directory):
+    """The meta of `<directory>/latest.npz` (configs, tokenizer, step...)."""
+    return checkpoint.load_checkpoint(directory, LATEST)[1]
+
+
+# Settings a resumed run may change; anything else would make it a different run.
+RESUME_MAY_CHANGE = {"steps", "eval_interval", "eval_batches", "log_interval", "device", "out", "data"}
+
+
+def _json_equal(a, b):
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def check_resume(meta, model_config, config, data=None, directory=None):
+    """MinimosaicError naming every setting in which this run differs from the checkpoint it resumes."""
+    differences = []
+    for label, saved, asked in (("model", meta["model_config"], model_config.to_dict()),
+                                ("train", meta["train_config"], dataclasses.asdict(config))):
+        for key in asked:
+            if key in RESUME_MAY_CHANGE or key not in saved or _json_equal(saved[key], asked[key]):
+                continue
+            name = "the vocabulary size" if (label, key) == ("model", "vocab_size") else key
+            differences.append(f"{name} {saved[key]!r} in the checkpoint, {asked[key]!r} asked")
+    if data is not None:
+        if not _json_equal(meta["tokenizer"], data.tokenizer.spec()):
+            differences.append(f"the tokenizer ({meta['tokenizer'].get('kind')} with "
+                               f"{meta['model_config'].get('vocab_size')} tokens in the checkpoint, "
+                               f"{data.tokenizer.spec().get('kind')} with {data.tokenizer.vocab_size} asked)")
+        if meta["dataset"]["text_sha256"] != data.text_sha256:
+            differences.append(f"the training text ({meta['dataset']['name']!r} in the checkpoint, "
+                               f"{data.name!r} asked, and their contents differ)")
+    if differences:
+        where = directory or config.out
+        raise MinimosaicError(f"cannot resume {where}: {'; '.join(differences)}. Pass the settings of the "
+                              f"run you resume, or train from scratch into a new --out")
+
+
+def prepare_out(out, resume=False):
+    """Create the run folder and check it can be written; refuse to start a new run over an old one."""
+    out = Path(out).expanduser()
+    latest = checkpoint_path(out, LATEST)
+    if resume and not latest.exists():
+        raise MinimosaicError(f"nothing to resume in {out}: there is no {latest.name}; "
+                              f"train without --resume first")
+    if not resume and latest.exists():
+        raise MinimosaicError(f"{out} already holds a run ({latest.name}): add --resume to continue it, "
+                              f"or pick a new --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / LOG_FILE, "a"):
+            pass
+    except OSError as e:
+        raise MinimosaicError(f"cannot write to output folder {out} ({e.strerror or e}): "
+                              f"pick another --out") from None
+    return out
+
+
+def _keep_log_until(path, step):
+    """Drop log records after `step` (written after the checkpoint a run resumes from)."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C sets a flag that the loop reads between steps, so the checkpoint it then writes never
+    holds half an optimizer update. A second Ctrl-C stops at once."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(model_config, config, data, resume=False, logger=None):
+    """Train a model on `data` (see `prepare_data`) and return a TrainResult.
+
+    resume: continue the run saved in `config.out` (latest.npz), which must have the same settings
+    except those in RESUME_MAY_CHANGE. Without resume, `config.out` must not hold a run already.
+    """
+    logger = logger or TrainLogger()
+    config.validate()
+    model_config.validate()
+    if model_config.vocab_size != data.tokenizer.vocab_size:
+        raise MinimosaicError(f"the model's vocab_size {model_config.vocab_size} differs from the "
+                              f"tokenizer's {data.tokenizer.vocab_size}: set it from the tokenizer")
+    device = config.device
+    backend.array_module(device)  # a clear error now if the GPU is asked for and missing
+    check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
+    out = prepare_out(config.out, resume)
+    latest = checkpoint_path(out, LATEST)
+
+    nn.manual_seed(config.seed)
+    model = build_model(model_config).to(device)
+    params = model.named_parameters()
+    optimizer = optim.AdamW(optim.weight_decay_groups(params, config.weight_decay), lr=config.lr,
+                            betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    schedule = optim.CosineSchedule(config.lr, config.min_lr, config.warmup, config.steps)
+    sampler = BatchSampler(data.train_ids, model_config.block_size, config.batch_size, seed=config.seed)
+    val_batches = eval_batches(data.val_ids, model_config.block_size, config.batch_size,
+                               config.eval_batches)
+    step, best_val, val_loss, elapsed = 0, math.inf, None, 0.0
+
+    if resume:
+        arrays, meta = checkpoint.load_checkpoint(out, LATEST)
+        check_resume(meta, model_config, config, data, out)
+        model.load_state_dict(_model_state(arrays))
+        optimizer.load_state_dict({"steps": meta["optimizer_steps"],
+                                   "m": [arrays[f"optim.m.{i}"] for i in range(len(optimizer.m))],
+                                   "v": [arrays[f"optim.v.{i}"] for i in range(len(optimizer.v))]})
+        sampler.load_state(meta["sampler_state"])
+        _set_rng_state(meta["rng_state"])
+        if device == "gpu":  # CuPy's generator state is not saved: a fresh, reproducible stream
+            backend.array_module(device).random.seed(config.seed + meta["step"])
+        step, elapsed = meta["step"], meta["elapsed_s"]
+        best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
+        val_loss = meta.get("val_loss")
+        _keep_log_until(out / LOG_FILE, step)
+    else:
+        (out / LOG_FILE).write_text("")  # a log without a checkpoint is from a run that died young
+
+    tokens_per_step = config.batch_size * config.grad_accum * model_config.block_size
+    meta_common = dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
+                       tokenizer=data.tokenizer.spec(), n_params=int(model.num_parameters()),
+                       dataset=dict(name=data.name, source=data.source, text_sha256=data.text_sha256))
+    logger.begin(dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
+                      n_params=int(model.num_parameters()), start_step=step, dataset=data.name,
+                      train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),
+                      tokens_per_step=tokens_per_step))
+
+    def save(name, with_optimizer=True):
+        meta = dict(meta_common, step=step, val_loss=val_loss,
+                    elapsed_s=elapsed + time.perf_counter() - loop_start,
+                    best_val_loss=None if best_val == math.inf else best_val,
+                    optimizer_steps=optimizer.steps, rng_state=_rng_state(), sampler_state=sampler.state())
+        path = checkpoint.save_checkpoint(out, name, _arrays(model, optimizer if with_optimizer else None),
+                                          meta)
+        logger.checkpoint(path, step)
+
+    pending = []  # (step, loss, grad_norm, lr) since the last record; loss and norm are device scalars
+
+    def summarize():
+        """One log record for the pending steps (one host sync); stop if a loss or norm is not finite."""
+        nonlocal pending
+        xp = backend.get_array_module(pending[0][1])
+        values = backend.asnumpy(xp.stack([xp.asarray(v, dtype=xp.float32) for _, loss, norm, _ in pending
+                                           for v in (loss, norm)])).astype(np.float64).reshape(-1, 2)
+        for (s, *_), (loss, norm) in zip(pending, values):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
+                raise MinimosaicError(f"{what} at step {s}: lower --lr or raise --warmup; {last_good()}")
+        now = time.perf_counter()
+        record = dict(step=step, loss=float(values[:, 0].mean()), lr=pending[-1][3],
+                      grad_norm=float(values[:, 1].mean()), tokens=step * tokens_per_step,
+                      tokens_per_s=len(pending) * tokens_per_step / max(now - interval_start, 1e-9),
+                      elapsed_s=elapsed + now - loop_start)
+        pending = []
+        return record
+
+    def last_good():
+        return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
+
+    def write(record):
+        with open(out / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        logger.log(record)
+
+    model.train()
+    interrupted = False
+    with _deferred_interrupt() as interrupt:
+        loop_start = interval_start = time.perf_counter()
+        while step < config.steps:
+            lr = schedule(step)
+            loss_sum = 0.0
+            for _ in range(config.grad_accum):
+                x, y = sampler.next_batch()
+                loss = model.loss(backend.to_device(x, device), backend.to_device(y, device))
+                (loss * (1.0 / config.grad_accum) if config.grad_accum > 1 else loss).backward()
+                loss_sum = loss_sum + loss.data
+            grad_norm = optim.clip_grad_norm(model.parameters(), config.grad_clip)
+            optimizer.step(lr)
+            model.zero_grad()
+            step += 1
+            pending.append((step, loss_sum / config.grad_accum, grad_norm, lr))
+            evaluating = step % config.eval_interval == 0 or step == config.steps
+            if evaluating or step % config.log_interval == 0:
+                record = summarize()  # before anything is saved: a non-finite loss never reaches a checkpoint
+                if evaluating:
+                    val_loss = evaluate(model, val_batches, device)
+                    if not math.isfinite(val_loss):
+                        raise MinimosaicError(f"validation loss became {val_loss} at step {step}: lower "
+                                              f"--lr or raise --warmup; {last_good()}")
+                    improved, best_val = val_loss < best_val, min(best_val, val_loss)
+                    record.update(val_loss=val_loss, best_val_loss=best_val)
+                write(record)
+                if evaluating:
+                    save(LATEST)
+                    if improved:
+                        save(BEST, with_optimizer=False)
+                interval_start = time.perf_counter()  # evaluation and saving do not count as throughput
+            if interrupt["set"]:  # Ctrl-C: finish the step, log and save it, stop
+                interrupted = True
+                if pending:
+                    write(summarize())
+                if not evaluating:
+                    save(LATEST)
+                break
+    elapsed += time.perf_counter() - loop_start
+    result = TrainResult(model, step, val_loss, None if best_val == math.inf else best_val, out,
+                         interrupted, elapsed)
+    logger.end(result)
+    return result
+
+
+def read_log(directory):
+    """The records of `<directory>/log.jsonl` (lines cut short by a crash are skipped)."""
+    path = Path(directory) / LOG_FILE
+    if not path.exists():
+        raise MinimosaicError(f"no {LOG_FILE} in {directory}: is it a run folder written by "
+                              f"`minimosaic train`?")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records

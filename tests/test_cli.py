@@ -1,0 +1,251 @@
+"""The command line: every command on a tiny run, and every user mistake -> one line, exit code 2."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimosaic import backend, cli
+from minimosaic.data import generate_stories
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--pmem-size", "16",
+        "--batch-size", "4", "--eval-batches", "2", "--warmup", "2", "--log-interval", "2"]
+
+
+def invoke(capsys, *args):
+    """Run `minimosaic args...` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def assert_user_error(result, *fragments):
+    code, out, err = result
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "stories.txt"
+    path.write_text(generate_stories(n_chars=30_000, seed=3))
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMOSAIC_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file):
+    """A tiny trained run shared by the sample / eval / explain / plot tests."""
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIMOSAIC_DATA_DIR", str(out.parent / "data"))
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", "--data", str(text_file), *TINY, "--steps", "6", "--eval-interval", "3",
+                      "--out", str(out)])
+    assert done.value.code == 0
+    return out
+
+
+def test_train_writes_checkpoints_log_and_plot(trained, capsys):
+    for name in ("latest.npz", "best.npz", "log.jsonl", "loss.png"):
+        assert (trained / name).is_file(), name
+    code, out, err = invoke(capsys, "plot", trained, "--out", trained / "again.png")
+    assert code == 0 and (trained / "again.png").stat().st_size > 1000
+
+
+def test_train_prints_config_and_parameter_count(text_file, tmp_path, data_dir, capsys):
+    code, out, err = invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "2",
+                            "--eval-interval", "2", "--out", tmp_path / "r", "--model", "gpt")
+    assert code == 0, err
+    assert "model    gpt: n_layer 1 n_head 2 n_embd 16" in out and "parameters" in out
+    assert "step      2/2" in out and "val_loss" in out and "done: step 2" in out
+
+
+def test_resume_continues_and_refuses_other_settings(text_file, tmp_path, data_dir, capsys):
+    run = ["train", "--data", text_file, *TINY, "--eval-interval", "2", "--out", tmp_path / "r"]
+    assert invoke(capsys, *run, "--steps", "2")[0] == 0
+    # without --resume the folder is not overwritten
+    assert_user_error(invoke(capsys, *run, "--steps", "2"), "already holds a run", "--resume")
+    # settings not given on resume come from the checkpoint; more steps may be asked
+    code, out, err = invoke(capsys, "train", "--out", tmp_path / "r", "--resume", "--steps", "4")
+    assert code == 0, err
+    assert "resuming at step 2" in out and "done: step 4" in out
+    assert_user_error(invoke(capsys, "train", "--out", tmp_path / "r", "--resume", "--n-layer", "2"),
+                      "cannot resume", "n_layer 1 in the checkpoint, 2 asked")
+    assert_user_error(invoke(capsys, "train", "--out", tmp_path / "r", "--resume", "--model", "gpt"),
+                      "cannot resume", "model 'mosaic' in the checkpoint, 'gpt' asked")
+    assert_user_error(invoke(capsys, "train", "--out", tmp_path / "r", "--resume", "--level", "token",
+                             "--vocab-size", "300"), "cannot resume", "level 'char'", "vocab_size 1024")
+    assert_user_error(invoke(capsys, "train", "--out", tmp_path / "none", "--resume"), "does not exist")
+
+
+def test_ctrl_c_saves_the_run_and_says_how_to_resume(text_file, tmp_path, data_dir, capsys, monkeypatch):
+    import os
+    import signal
+    log = cli.ConsoleLogger.log
+
+    def log_then_press_ctrl_c(self, record):
+        log(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli.ConsoleLogger, "log", log_then_press_ctrl_c)
+    run = ["train", "--data", text_file, *TINY, "--steps", "6", "--eval-interval", "4",
+           "--out", tmp_path / "r"]
+    code, out, err = invoke(capsys, *run)
+    assert code == 130 and "interrupted at step 2" in out and "--resume" in out
+    monkeypatch.setattr(cli.ConsoleLogger, "log", log)
+    code, out, err = invoke(capsys, *run, "--resume")
+    assert code == 0 and "resuming at step 2" in out and "done: step 6" in out
+
+
+def test_sample_generates_from_the_prompt(trained, capsys):
+    code, out, err = invoke(capsys, "sample", trained, "--prompt", "Once upon", "--max-new-tokens", "20",
+                            "--num-samples", "2", "--top-k", "5")
+    assert code == 0, err
+    samples = out.split("-" * 60)
+    assert len(samples) == 2 and all(s.strip().startswith("Once upon") for s in samples)
+    again = invoke(capsys, "sample", trained, "--prompt", "Once upon", "--max-new-tokens", "20",
+                   "--num-samples", "2", "--top-k", "5")[1]
+    assert again == out  # seeded
+    prompt = trained.parent / "prompt.txt"
+    prompt.write_text("Mira")
+    code, out, err = invoke(capsys, "sample", trained, "--prompt-file", prompt, "--max-new-tokens", "5",
+                            "--checkpoint", "latest")
+    assert code == 0 and out.startswith("Mira")
+    code, out, err = invoke(capsys, "sample", trained, "--max-new-tokens", "5", "--temperature", "0")
+    assert code == 0 and len(out) >= 5  # no prompt: starts from a newline; temperature 0 is greedy
+
+
+def test_eval_reports_loss_and_writes_per_position(trained, capsys):
+    code, out, err = invoke(capsys, "eval", trained, "--per-position", "--max-batches", "3")
+    assert code == 0, err
+    assert "perplexity" in out and "bits per character" in out
+    rows = (trained / "per_position.csv").read_text().splitlines()
+    assert rows[0] == "position,loss" and len(rows) == 1 + 16
+    assert (trained / "per_position.png").stat().st_size > 1000
+
+
+def test_explain_shows_retrievals_and_writes_a_heatmap(trained, capsys):
+    code, out, err = invoke(capsys, "explain", trained, "--prompt", "Mira and Tom", "--top", "2",
+                            "--heatmap", trained / "heat.png")
+    assert code == 0, err
+    assert "layer 0" in out and "head 1" in out and "slots" in out
+    assert (trained / "heat.png").stat().st_size > 1000
+    assert_user_error(invoke(capsys, "explain", trained, "--prompt", "Mira", "--layer", "5"), "--layer 5")
+
+
+def test_data_lists_datasets(data_dir, capsys):
+    code, out, err = invoke(capsys, "data")
+    assert code == 0 and "shakespeare" in out and "stories" in out and str(data_dir) in out
+    assert invoke(capsys, "data", "list")[1] == out
+    assert_user_error(invoke(capsys, "data", "download", "nope"), "unknown dataset 'nope'")
+
+
+def test_every_help_shows_defaults(capsys):
+    for command in ("train", "sample", "eval", "explain", "plot", "data"):
+        code, out, err = invoke(capsys, command, "--help")
+        assert code == 0 and "Usage" in out, command
+    out = invoke(capsys, "train", "--help")[1]
+    for fragment in ("from --preset", "char-tiny", "runs/<model>-<level>-<data>", "mosaic|gpt"):
+        assert fragment in out, fragment
+    assert "[default: 500]" in invoke(capsys, "sample", "--help")[1]
+
+
+def test_console_script_and_root_cli_py_are_the_same_app():
+    root = Path(__file__).resolve().parents[1]
+    commands = [[sys.executable, str(root / "cli.py")]]
+    if shutil.which("minimosaic"):
+        commands.append([shutil.which("minimosaic")])
+    for command in commands:
+        done = subprocess.run([*command, "version"], capture_output=True, text=True, cwd=root)
+        assert done.returncode == 0 and done.stdout.strip() == cli.__version__, done.stderr
+        done = subprocess.run([*command, "train", "--n-head", "x"], capture_output=True, text=True, cwd=root)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--n-head" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# user mistakes: one line on stderr, exit code 2, no traceback
+
+def train_args(tmp_path, *extra):
+    return ["train", *TINY, "--steps", "1", "--out", tmp_path / "run", *extra]
+
+
+def test_missing_data_file(tmp_path, data_dir, capsys):
+    missing = tmp_path / "nope.txt"
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", missing)), "does not exist")
+
+
+def test_empty_data_file(tmp_path, data_dir, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", tmp_path / "empty.txt")), "is empty")
+
+
+def test_non_utf8_data_file(tmp_path, data_dir, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me ".encode("latin-1") * 100)
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", tmp_path / "latin1.txt")), "not UTF-8")
+
+
+def test_text_shorter_than_a_block(tmp_path, data_dir, capsys):
+    (tmp_path / "short.txt").write_text("hello world " * 10)
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", tmp_path / "short.txt")),
+                      "validation split has", "--block-size")
+
+
+def test_n_embd_not_divisible_by_n_head(tmp_path, text_file, data_dir, capsys):
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", text_file, "--n-head", "3")),
+                      "not divisible")
+
+
+def test_unknown_preset_and_option_values(tmp_path, capsys):
+    assert_user_error(invoke(capsys, "train", "--preset", "huge"), "unknown preset 'huge'", "char-small")
+    assert_user_error(invoke(capsys, "train", "--model", "lstm"), "--model")
+    assert_user_error(invoke(capsys, "train", "--steps", "many"), "--steps")
+    assert_user_error(invoke(capsys, "train", "--no-such-option"), "--no-such-option")
+    assert_user_error(invoke(capsys, "train", "--device", "tpu", "--out", tmp_path / "r"),
+                      "unknown device 'tpu'")
+    assert_user_error(invoke(capsys, "nonsense"), "nonsense")
+    assert_user_error(invoke(capsys, "train", "--vocab-size", "500"), "--level token")
+
+
+def test_corrupt_checkpoint_is_detected_and_the_other_one_still_loads(trained, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    best = run / "best.npz"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    assert_user_error(invoke(capsys, "sample", run, "--max-new-tokens", "3"), "corrupt or truncated")
+    code, out, err = invoke(capsys, "sample", run, "--max-new-tokens", "3", "--checkpoint", "latest")
+    assert code == 0, err
+    latest = run / "latest.npz"
+    raw = bytearray(latest.read_bytes())
+    with np.load(latest) as npz:
+        weights = npz["model.token_embedding.weight"].tobytes()
+    assert raw.find(weights) > 0
+    raw[raw.find(weights) + len(weights) // 2] ^= 0x10  # one flipped bit in the middle of the weights
+    latest.write_bytes(bytes(raw))
+    assert_user_error(invoke(capsys, "train", "--out", run, "--resume", "--steps", "8"), "corrupt")
+
+
+@pytest.mark.skipif(backend.gpu_available(), reason="a GPU is available here")
+def test_gpu_without_cupy(tmp_path, text_file, data_dir, capsys):
+    assert_user_error(invoke(capsys, *train_args(tmp_path, "--data", text_file, "--device", "gpu")),
+                      "--device gpu")
+
+
+def test_unwritable_out(tmp_path, text_file, data_dir, capsys):
+    (tmp_path / "file").write_text("")
+    assert_user_error(invoke(capsys, "train", "--data", text_file, *TINY, "--out", tmp_path / "file" / "run"),
+                      "cannot write to output folder")
