@@ -1,0 +1,188 @@
+"""The benchmark harness: the FLOP counter against a brute-force count, the table and JSON, a tiny run.
+
+No test looks at a timing: only at what the harness counts, formats and reports.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GPU_SKIP_REASON, HAVE_GPU
+
+from minimosaic import bench, nn, ops
+from minimosaic.errors import MinimosaicError
+from minimosaic.tensor import Tensor, no_grad
+
+from minimosaic import memories, models
+
+TINY = dict(vocab_size=11, n_layer=2, n_head=2, n_embd=8, block_size=6, batch_size=3, pmem_size=12,
+            pmem_count=1, dropout=0.0, bias=False)
+REFERENCE = Path(__file__).resolve().parent.parent / "reference"
+
+
+def _build(model, sizes):
+    nn.manual_seed(1)
+    config = models.ModelConfig(model=model, **{k: v for k, v in sizes.items() if k != "batch_size"})
+    return models.build_model(config)
+
+
+def _counted_matmul_flops(monkeypatch, model, ids):
+    """Run one forward with every matmul counted: 2 m k n per (m, k) @ (k, n), times the batch axes.
+
+    The fused ops multiply raw arrays, out of the counter's sight, so they are swapped for their plain
+    references, built from ops: the dense (T, T) leaky average and the composed masked attention.
+    """
+    monkeypatch.setattr(memories, "leaky_average", lambda x, decay: memories.leaky_average_reference(x, decay))
+    monkeypatch.setattr(memories, "softmax_attention", memories.softmax_attention_reference)
+    monkeypatch.setattr(models, "softmax_attention", memories.softmax_attention_reference)
+    counted = []
+    original = ops.matmul
+
+    def counting(a, b):
+        out = original(a, b)
+        counted.append(2 * out.size * ops.as_tensor(a).shape[-1])
+        return out
+    monkeypatch.setattr(ops, "matmul", counting)
+    monkeypatch.setattr(Tensor, "__matmul__", counting)
+    monkeypatch.setattr(Tensor, "__rmatmul__", lambda self, other: counting(other, self))
+    with no_grad():
+        model(ids)
+    return sum(counted)
+
+
+@pytest.mark.parametrize("model", ["mosaic", "gpt"])
+def test_forward_flops_match_a_count_of_the_executed_matmuls(monkeypatch, model):
+    sizes = dict(TINY)
+    ids = np.random.default_rng(0).integers(0, sizes["vocab_size"], (sizes["batch_size"], sizes["block_size"]))
+    counted = _counted_matmul_flops(monkeypatch, _build(model, sizes), ids)
+    assert counted == sum(bench.forward_flops(model, sizes, dense=True).values())
+
+
+@pytest.mark.parametrize("model, pairs", [("mosaic", lambda T: T * (T - 1) // 2),  # strictly past
+                                          ("gpt", lambda T: T * (T + 1) // 2)])   # past and present
+def test_causal_count_uses_the_pairs_the_model_actually_weighs(model, pairs):
+    """The causal T^2 term counts the (t, j) pairs that get a nonzero weight; check that number."""
+    sizes = dict(TINY)
+    T = sizes["block_size"]
+    ids = np.random.default_rng(2).integers(0, sizes["vocab_size"], (2, T))
+    with no_grad():
+        layers = _build(model, sizes).inspect(ids)
+    for layer in layers:
+        weights = np.asarray(layer["context"])  # (B, H, T, T)
+        nonzero = (weights != 0).sum(axis=(-1, -2))
+        assert (nonzero == pairs(T)).all()
+    causal, dense = bench.forward_flops(model, sizes), bench.forward_flops(model, sizes, dense=True)
+    term = "context_memory" if model == "mosaic" else "attention"
+    assert causal[term] == dense[term] * pairs(T) // (T * T)
+
+
+def test_train_step_is_three_forwards_and_the_projection_terms_match_gpt_at_pmem_3_5_d():
+    sizes = dict(TINY, n_embd=16, pmem_size=56)  # P = 3.5 C
+    mosaic, gpt = bench.forward_flops("mosaic", sizes), bench.forward_flops("gpt", sizes)
+    assert bench.train_step_flops("mosaic", sizes) == 3 * sum(mosaic.values())
+    assert mosaic["projections"] + mosaic["persistent_memory"] == gpt["projections"]
+
+
+def test_settings_and_overrides():
+    settings = bench.resolve_settings("char-small", {"n_layer": 2, "batch_size": 4})
+    assert (settings["n_layer"], settings["batch_size"], settings["n_embd"]) == (2, 4, 128)
+    assert settings["dropout"] == 0.0 and settings["vocab_size"] == 65 and settings["pmem_size"] == 512
+    assert bench.resolve_settings("gpt2-small-like")["n_embd"] == 768
+    assert bench.parse_overrides(["n_layer=2", "dropout=0.1", "bias=true"]) == \
+        {"n_layer": 2, "dropout": 0.1, "bias": True}
+    for bad in (["n_layer"], ["depth=3"], ["n_layer=two"], ["bias=maybe"]):
+        with pytest.raises(MinimosaicError):
+            bench.parse_overrides(bad)
+    with pytest.raises(MinimosaicError):
+        bench.resolve_settings("huge")
+    with pytest.raises(MinimosaicError):
+        bench.resolve_settings("char-small", {"layers": 2})
+
+
+TINY_OVERRIDES = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, pmem_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench.run_bench("char-small", model="both", overrides=TINY_OVERRIDES, steps=2, warmup=1,
+                             json_path=str(path), gen_context=12)
+    return result, path
+
+
+def test_run_bench_measures_both_models_in_children(tiny_result):
+    result, path = tiny_result
+    settings = bench.resolve_settings("char-small", TINY_OVERRIDES)
+    assert [r["model"] for r in result["runs"]] == ["mosaic", "gpt"]
+    for run in result["runs"]:
+        assert run["steps"] == 2 and run["side"] == "ours"
+        assert run["flops_per_step"] == bench.train_step_flops(run["model"], settings)
+        assert run["ms_min"] <= run["ms_q1"] <= run["ms_median"] <= run["ms_q3"] <= run["ms_max"]
+        assert run["tokens_per_s"] == pytest.approx(2 * 16 / (run["ms_median"] / 1000))
+        assert run["params"] == _build(run["model"], settings).num_parameters()
+        assert run["peak_rss_mb"] >= run["base_rss_mb"] > 0
+        assert np.isfinite([run["loss_first"], run["loss_last"]]).all()
+        gen = run["generation"]
+        assert (gen["prompt"], gen["new_tokens"], gen["context"]) == (6, 6, 12)
+        assert gen["cached_tokens_per_s"] > 0 and gen["uncached_tokens_per_s"] > 0
+    assert result["ratios"] == [] and result["notes"] == []
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+
+
+def test_format_table_shows_every_run_and_ratio(tiny_result):
+    result = dict(tiny_result[0])
+    ours = result["runs"][0]
+    theirs = dict(ours, side="reference", label="mosaic (official torch)", tokens_per_s=ours["tokens_per_s"] / 2,
+                  peak_rss_mb=ours["peak_rss_mb"] * 4)
+    result["runs"] = [ours, theirs]
+    result["ratios"] = bench._ratios(result["runs"])
+    result["notes"] = ["something was skipped"]
+    text = bench.format_table(result)
+    assert "mosaic (minimosaic)" in text and "mosaic (official torch)" in text
+    assert f"{ours['tokens_per_s']:,.0f}" in text and "% of matmul peak" in text
+    assert "tokens/s 2.00x" in text and "peak RSS 0.25x" in text
+    assert "note: something was skipped" in text
+
+
+def test_reference_errors_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(MinimosaicError, match="not found"):
+        bench.run_bench("char-small", overrides=TINY_OVERRIDES, steps=1, warmup=0,
+                        reference_file=str(tmp_path / "missing.py"))
+    fake = tmp_path / "mosaic_model.py"
+    fake.write_text("# not the official file\n")
+    monkeypatch.setattr(bench, "_torch_available", lambda: False)
+    result = bench.run_bench("char-small", overrides=TINY_OVERRIDES, steps=1, warmup=0, generation=False,
+                             reference_file=str(fake))
+    assert len(result["runs"]) == 1 and "torch is not installed" in result["notes"][0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or not (REFERENCE / "mosaic_model.py").exists(),
+                    reason="needs torch and the official reference/mosaic_model.py (see benchmarks/README.md)")
+def test_reference_runs_under_the_same_protocol():
+    result = bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=2, warmup=1,
+                             generation=False, reference_file=str(REFERENCE / "mosaic_model.py"),
+                             reference_gpt_file=str(REFERENCE / "mosaic_model.py"))  # wrong file for gpt
+    ours, theirs = result["runs"]
+    assert theirs["side"] == "reference" and theirs["torch_threads"] == result["machine"]["threads"]
+    assert theirs["flops_per_step"] == ours["flops_per_step"]
+    assert abs(theirs["loss_first"] - np.log(65)) < 1.0
+    assert result["ratios"][0]["tokens_per_s"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
+    assert any("has no GPTConfig / GPT" in note for note in result["notes"])
+
+
+@pytest.mark.skipif(HAVE_GPU, reason="checks the message a machine without a GPU gives")
+def test_gpu_without_a_gpu_is_a_user_error():
+    with pytest.raises(MinimosaicError):
+        bench.run_bench("char-small", overrides=TINY_OVERRIDES, device="gpu", steps=1, warmup=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_GPU, reason=GPU_SKIP_REASON)
+def test_run_bench_on_the_gpu_reports_gpu_memory():
+    result = bench.run_bench("char-small", model="both", overrides=TINY_OVERRIDES, device="gpu", steps=2,
+                             warmup=1, gen_context=12)
+    for run in result["runs"]:
+        assert run["gpu_mem_mb"] > 0 and "peak_rss_mb" not in run
+        assert run["flops_per_step"] == bench.train_step_flops(run["model"], result["settings"])
+    assert "GPU memory peak MiB" in bench.format_table(result)
