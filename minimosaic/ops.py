@@ -125,7 +125,7 @@ def gelu(a):
     dz/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
     """
     x, c = a.data, math.sqrt(2 / math.pi)
-    t = a.xp.tanh(c * (x + 0.044715 * x ** 3))
+    t = a.xp.tanh(c * (x + 0.044715 * x * x * x))
 
     def backward(g):
         return (g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)),)

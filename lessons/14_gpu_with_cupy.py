@@ -1,0 +1,209 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 14: running on a GPU with CuPy
+#
+# Everything so far ran on NumPy. **CuPy** is a NumPy look-alike whose arrays live in a CUDA GPU's
+# memory: `cupy.exp`, `cupy.matmul`, `a.sum(axis=1)` behave like NumPy's, but run thousands of threads
+# at once. minimosaic never imports NumPy for computation: every op asks its input which module it
+# belongs to, `xp = a.xp` (Chainer's idea), and uses `xp.exp`, `xp.where`, ... So the same code runs on
+# both, and moving to the GPU means moving the **data**, not changing the code.
+#
+# This lesson needs CuPy and an NVIDIA GPU for its second half (`pip install 'minimosaic[gpu]'`, or
+# `cupy-cuda12x` / `cupy-cuda13x` to match your driver). Without them, the GPU checks are skipped with
+# the reason printed, and the CPU half still runs.
+
+# %%
+import time
+
+import numpy as np
+
+import minimosaic as mm
+from minimosaic import memories, nn, ops, optim
+from minimosaic.models import ModelConfig, build_model
+from _check import QUICK, check, expect
+
+HAVE_GPU = mm.gpu_available()
+print("GPU available:", HAVE_GPU)
+if not HAVE_GPU:
+    print("SKIPPING the GPU checks of this lesson: CuPy with a CUDA GPU is not available "
+          "(pip install 'minimosaic[gpu]' on a machine with an NVIDIA GPU to run them)")
+
+# %% [markdown]
+# ## One body of code, two array modules
+#
+# `mm.get_array_module(*arrays)` returns `numpy` or `cupy`, whichever the arrays live in, and every
+# Tensor has `.xp` (its module) and `.device` ('cpu' or 'gpu'). `mm.array_module(device)` gives the
+# module for a device name.
+
+# %%
+a = mm.Tensor(np.arange(6.0).reshape(2, 3))
+print("a.xp is numpy:", a.xp is np, "| a.device:", a.device)
+expect("get_array_module of a NumPy array is numpy", mm.get_array_module(a.data) is np)
+expect("array_module('cpu') is numpy", mm.array_module("cpu") is np)
+
+# %% [markdown]
+# Writing an op so that it runs on both means taking `xp` from the input. Here is lesson 3's
+# softplus, now backend-agnostic; on the CPU `xp` is NumPy, on the GPU it will be CuPy.
+
+# %%
+from minimosaic.tensor import make_result  # noqa: E402  (the op-writing helper from lesson 3)
+
+
+def softplus(a):
+    """z = log(1 + e^a).   dz/da = sigmoid(a)."""
+    xp = a.xp
+    sig = 1 / (1 + xp.exp(-a.data))
+    return make_result(xp.logaddexp(0, a.data), (a,), lambda g: (g * sig,))
+
+
+z = mm.Tensor(np.random.default_rng(0).standard_normal((3, 4)), requires_grad=True)
+check("agnostic softplus on the CPU", softplus(z), np.logaddexp(0, z.data))
+expect("gradcheck agnostic softplus on the CPU", mm.gradcheck(softplus, [z]))
+
+# %% [markdown]
+# ## Moving data
+#
+# `mm.to_device(array, device)` copies an array to 'cpu' or 'gpu' (returning it unchanged when it is
+# already there), `mm.asnumpy(array)` brings anything back to a NumPy array, `tensor.to(device)` moves a
+# Tensor and `module.to(device)` moves every parameter of a model in place. Asking for the GPU without
+# CuPy raises a `MinimosaicError` that says what to do.
+
+# %%
+same = mm.to_device(a.data, "cpu")
+expect("to_device(cpu array, 'cpu') returns it unchanged", same is a.data)
+expect("tensor.to('cpu') on the CPU is the same tensor", a.to("cpu") is a)
+if not HAVE_GPU:
+    try:
+        mm.array_module("gpu")
+    except mm.MinimosaicError as error:
+        print("asking for the GPU without one:", error)
+
+# %% [markdown]
+# ## On the GPU (skipped without one)
+#
+# The same computations, with the data on the GPU. Every check compares with the CPU. In float64 the
+# GPU results agree to rounding; float32 sums may be added in a different order on the GPU, so they
+# agree to about $10^{-5}$ relative.
+
+# %%
+if HAVE_GPU:
+    cp = mm.array_module("gpu")
+    rng = np.random.default_rng(1)
+    x_cpu = mm.Tensor(rng.standard_normal((4, 5)), requires_grad=True)
+    w_cpu = mm.Tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    x_gpu = mm.Tensor(mm.to_device(x_cpu.data, "gpu"), requires_grad=True)
+    w_gpu = mm.Tensor(mm.to_device(w_cpu.data, "gpu"), requires_grad=True)
+    expect("the GPU tensors use CuPy", x_gpu.xp is cp and x_gpu.device == "gpu", f"device {x_gpu.device}")
+    for x, w in ((x_cpu, w_cpu), (x_gpu, w_gpu)):
+        ops.cross_entropy(softplus(x @ w), np.array([0, 2, 1, 2])
+                          if x.device == "cpu" else cp.asarray([0, 2, 1, 2])).backward()
+    check("GPU == CPU: d/dx of a small network (float64)", mm.asnumpy(x_gpu.grad), x_cpu.grad, atol=1e-12)
+    check("GPU == CPU: d/dw", mm.asnumpy(w_gpu.grad), w_cpu.grad, atol=1e-12)
+    expect("gradcheck agnostic softplus on the GPU",
+           mm.gradcheck(softplus, [mm.Tensor(cp.asarray(rng.standard_normal((3, 4))), requires_grad=True)]))
+
+    k = rng.standard_normal((2, 3, 40, 8))
+    decay = np.array([0.2, 0.6, 0.9])
+    on_cpu = memories.leaky_average(mm.Tensor(k), mm.Tensor(decay))
+    on_gpu = memories.leaky_average(mm.Tensor(k, device="gpu"), mm.Tensor(decay, device="gpu"))
+    check("GPU == CPU: leaky_average", on_gpu.numpy(), on_cpu, atol=1e-12)
+    mask = memories.causal_mask(np, 40, 0, include_present=False)
+    att_cpu = memories.softmax_attention(mm.Tensor(k), mm.Tensor(k), mm.Tensor(k), mask=mask)
+    att_gpu = memories.softmax_attention(*(mm.Tensor(k, device="gpu"),) * 3,
+                                         mask=memories.causal_mask(cp, 40, 0, include_present=False))
+    check("GPU == CPU: softmax_attention", att_gpu.numpy(), att_cpu, atol=1e-12)
+
+# %% [markdown]
+# ## A whole model on the GPU
+#
+# Parameters are created on the CPU from the seeded `nn.init_rng` and then moved, so the same seed
+# gives the same model on both devices. Create the optimiser **after** moving the model: its moment
+# buffers are allocated next to the parameters. Batches can stay NumPy arrays: the model moves the ids
+# to its own device.
+
+# %%
+if HAVE_GPU:
+    config = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=64, block_size=64)
+    nn.manual_seed(0)
+    cpu_model = build_model(config)
+    nn.manual_seed(0)
+    gpu_model = build_model(config).to("gpu")
+    expect("every parameter is on the GPU", all(p.device == "gpu" for p in gpu_model.parameters()))
+    ids = np.random.default_rng(2).integers(0, 64, (8, 65))
+    x, y = ids[:, :-1], ids[:, 1:]
+    loss_cpu, loss_gpu = cpu_model.loss(x, y), gpu_model.loss(x, y)
+    check("GPU == CPU: the model's loss (float32)", loss_gpu.item(), loss_cpu.item(), rtol=1e-4)
+    loss_cpu.backward()
+    loss_gpu.backward()
+    for (name, p_cpu), p_gpu in zip(cpu_model.named_parameters(), gpu_model.parameters()):
+        if name in ("token_embedding.weight", "blocks.0.context.key.W_k.weight"):
+            check(f"GPU == CPU: grad of {name}", mm.asnumpy(p_gpu.grad), p_cpu.grad, atol=1e-5, rtol=1e-3)
+
+    optimizer = optim.AdamW(optim.weight_decay_groups(gpu_model.named_parameters(), 0.1), lr=3e-3)
+    optimizer.zero_grad()
+    losses = []
+    for step in range(30 if QUICK else 100):
+        loss = gpu_model.loss(x, y)  # the same batch again and again: it should be memorised
+        loss.backward()
+        optim.clip_grad_norm(gpu_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    expect("training on the GPU lowers the loss", losses[-1] < losses[0] - 0.5, f"{losses[0]:.3f} -> {losses[-1]:.3f}")
+    text = gpu_model.generate(np.array([1, 2, 3]), 20, temperature=0.8, seed=0)
+    expect("generate on the GPU returns NumPy ids", isinstance(text, np.ndarray) and len(text) == 23, str(text))
+
+# %% [markdown]
+# ## Is it faster?
+#
+# Only when there is enough work per operation. A GPU launch costs a few microseconds whatever its size,
+# and Python runs one op at a time, so tiny models are often *slower* on a GPU; larger widths and
+# batches win big. We time one training step of the same model on both devices (printed, not checked:
+# it depends on your machine). CuPy runs asynchronously, so we synchronise before reading the clock.
+
+# %%
+def step_time(model, x, y, repeats, sync=lambda: None):
+    model.loss(x, y).backward()  # warm up (CuPy compiles its kernels on first use)
+    model.zero_grad()
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model.loss(x, y).backward()
+        model.zero_grad()
+    sync()
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+if HAVE_GPU:
+    config = ModelConfig(vocab_size=256, n_layer=4, n_head=8, n_embd=256 if QUICK else 512, block_size=256)
+    nn.manual_seed(0)
+    big_cpu = build_model(config)
+    nn.manual_seed(0)
+    big_gpu = build_model(config).to("gpu")
+    ids = np.random.default_rng(3).integers(0, 256, (8, 257))
+    sync = cp.cuda.Device().synchronize
+    ms_cpu = step_time(big_cpu, ids[:, :-1], ids[:, 1:], repeats=1)
+    ms_gpu = step_time(big_gpu, ids[:, :-1], ids[:, 1:], repeats=5, sync=sync)
+    print(f"one forward + backward, {big_cpu.num_parameters():,} parameters, batch 8 x 256: "
+          f"CPU {ms_cpu:.0f} ms, GPU {ms_gpu:.1f} ms ({ms_cpu / ms_gpu:.0f}x)")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Find the break-even width: time `step_time` for `n_embd` = 32, 64, 128, 256 on both devices.
+# 2. Train lesson 11's model on the GPU: build it, `.to("gpu")`, then the same loop. Which lines change?
+# 3. `ops.cross_entropy` keeps its count of counted rows as an array instead of calling `int(...)`. Why
+#    does that matter on a GPU? (Hint: what does converting a GPU value to a Python number force?)
+# 4. From the command line: `minimosaic train --device gpu --preset char-small`.
