@@ -4,6 +4,13 @@ Model and op code never imports numpy for computation. It asks the arrays it was
 they belong to (`get_array_module`, Chainer's idea), so one body of code serves both. Only this module
 imports cupy, and only when a GPU is asked for.
 """
+import ctypes
+import glob
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .errors import MinimosaicError
@@ -98,3 +105,110 @@ def seed_everything(seed):
     np.random.seed(seed)
     if _cupy is not None:
         _cupy.random.seed(seed)
+
+
+# ---------------------------------------------------------------- CPU fast path: a small thread pool
+# NumPy's elementwise passes (exp, sums, products) run on one core, while BLAS and torch use them all.
+# The big ops (memories.softmax_attention, large matmuls) therefore cut their work into independent
+# tiles and run them on a few Python threads: NumPy releases the GIL inside ufuncs and BLAS calls, so
+# every core works on every pass, and each tile is small enough to stay in cache. While the pool runs,
+# BLAS is set to one thread: its own threads spin while they wait, which fights the pool's and stalls
+# badly when anything else runs on the machine. Without OpenBLAS's thread control there is no pool.
+_blas = None          # (get_num_threads, set_num_threads) of the OpenBLAS that NumPy loaded, or False
+_workers = None       # set_cpu_workers's choice
+_pool = None
+_pool_lock = threading.Lock()
+_in_pool = threading.local()  # set in the pool's threads
+
+
+def _openblas_controls():
+    """OpenBLAS's get/set_num_threads as ctypes functions, or None where they cannot be found."""
+    global _blas
+    if _blas is None:
+        _blas = False
+        folder = os.path.dirname(np.__file__)
+        paths = glob.glob(os.path.join(folder, "..", "numpy.libs", "*openblas*")) + \
+            glob.glob(os.path.join(folder, ".dylibs", "*openblas*"))
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
+                                   ("openblas", "")):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _blas = (get, put)
+                    break
+            if _blas:
+                break
+    return _blas or None
+
+
+def cpu_workers():
+    """Threads the CPU fast paths use: set_cpu_workers's choice, else BLAS's own thread count."""
+    if _workers is not None:
+        return _workers
+    controls = _openblas_controls()
+    return controls[0]() if controls else 1
+
+
+def set_cpu_workers(n=None):
+    """Use n threads in the CPU fast paths (None: as many as BLAS uses; 1: no pool). Without
+    OpenBLAS's thread control there is no pool whatever n is."""
+    global _workers
+    _workers = None if n is None else (max(1, int(n)) if _openblas_controls() else 1)
+
+
+def parallel_tiles(body, count, workers):
+    """Call body(worker, i) for i in range(count) on `workers` threads (worker in range(workers)).
+
+    Tiles are handed out in order as threads become free (so a core slowed by another process just
+    takes fewer). BLAS runs on one thread meanwhile. workers == 1 runs everything here, in order.
+    """
+    if workers <= 1 or count <= 1 or getattr(_in_pool, "yes", False):  # (a tile's own calls run inline)
+        for i in range(count):
+            body(0, i)
+        return
+    global _pool
+    with _pool_lock:  # one parallel region at a time (the pool is shared)
+        if _pool is None or _pool._max_workers < workers:
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="minimosaic")
+        tiles = itertools.count()
+
+        def run(worker):
+            _in_pool.yes = True
+            for i in tiles:  # next() on itertools.count is atomic under the GIL
+                if i >= count:
+                    return
+                body(worker, i)
+
+        get, put = _openblas_controls()
+        before = get()
+        put(1)
+        try:
+            for future in [_pool.submit(run, w) for w in range(workers)]:
+                future.result()
+        finally:
+            put(before)
+
+
+PARALLEL_MATMUL_MIN = 1 << 21   # multiply-adds below which a product runs in one piece (tens of microseconds)
+
+
+def matmul(a, b):
+    """a @ b. On NumPy, a large 2-D product is cut into row blocks run by the CPU pool (parallel_tiles),
+    so it shares the cores the same way as the fused ops (BLAS's own threads spin while they wait, which
+    stalls when the machine is busy)."""
+    workers = cpu_workers() if get_array_module(a, b) is np else 1
+    if workers <= 1 or a.ndim != 2 or b.ndim != 2 or a.shape[0] * a.shape[1] * b.shape[1] < PARALLEL_MATMUL_MIN:
+        return a @ b
+    out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    step = -(-a.shape[0] // (2 * workers))   # two blocks per thread: a slowed core takes fewer
+
+    def block(worker, i):
+        np.matmul(a[i * step:(i + 1) * step], b, out=out[i * step:(i + 1) * step])
+    parallel_tiles(block, -(-a.shape[0] // step), workers)
+    return out

@@ -52,7 +52,7 @@ import math
 
 import numpy as np
 
-from . import nn, ops
+from . import backend, nn, ops
 from .backend import get_array_module
 from .tensor import Tensor, make_result
 
@@ -115,7 +115,15 @@ def softmax_attention(q, k, v, mask=None, scale=1.0):
         dv = P^T g,   dP = g v^T,   dS = P * (dP - rowsum(dP * P)) = e * ((r g) v^T - rowsum((r g) * y))
         dq = scale dS k,   dk = scale dS^T q
     (rowsum(dP * P) = g . y: the row sums need no pass over the (Tq, Tk) matrix.) Only e, r and y are kept.
+    On NumPy the same maths runs tile by tile (`_tiled_softmax_attention`, the CPU fast path).
     """
+    if get_array_module(q.data) is np:
+        return _tiled_softmax_attention(q, k, v, mask, scale)
+    return _dense_softmax_attention(q, k, v, mask, scale)
+
+
+def _dense_softmax_attention(q, k, v, mask, scale):
+    """softmax_attention on whole arrays (the GPU path): keeps e (..., Tq, Tk), r and y."""
     e, r = _softmax_terms(q.data, k.data, mask, scale)
     y = e @ v.data
     y *= r
@@ -130,6 +138,98 @@ def softmax_attention(q, k, v, mask=None, scale=1.0):
             ds *= scale
         return ds @ k.data, ds.swapaxes(-1, -2) @ q.data, dv
     return make_result(y, (q, k, v), backward)
+
+
+# ---------------------------------------------------------------- CPU fast path: tiled attention
+TILE_SCORES = 1 << 16   # scores per tile: 256 KB in float32, so a tile's passes stay in a core's L2 cache
+
+
+def _tiles(batch, Tq, Tk, mask):
+    """[(b0, b1, r0, r1, kend)]: blocks of batch slices and query rows holding about TILE_SCORES scores;
+    a block needs only keys [:kend] (the last one any of its rows may use: causal rows skip the future).
+    With a mask, rows come in at least 4 chunks so the upper triangle is mostly skipped."""
+    if mask is None:
+        last = np.full(Tq, Tk)
+    else:
+        last = np.where(mask.any(axis=1), Tk - mask[:, ::-1].argmax(axis=1), 0)   # (Tq,) keys used
+    rows = max(1, min(Tq, TILE_SCORES // Tk, Tq if mask is None else -(-Tq // 4)))
+    group = max(1, min(batch, TILE_SCORES // (rows * Tk)))
+    return [(b0, min(b0 + group, batch), r0, min(r0 + rows, Tq), int(last[r0:r0 + rows].max()))
+            for b0 in range(0, batch, group) for r0 in range(0, Tq, rows)]
+
+
+def _tiled_softmax_attention(q, k, v, mask, scale):
+    """softmax_attention computed block by block (NumPy only; same maths, same gradients).
+
+    Each block of rows gets its scores, softmax and weighted sum while they are in cache, on a few
+    threads (backend.parallel_tiles). The (Tq, Tk) weights are never stored: the forward keeps the
+    row log-normalisers lse = max + log rowsum e, and the backward recomputes P = exp(s - lse) per block
+    (one more q k^T product, flash-attention style), which saves the memory and the passes over it.
+    """
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    (Tq, d), (Tk, dv) = q.shape[-2:], v.shape[-2:]
+    flat = lambda a, n: np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1]))  # noqa: E731
+    qs = flat(q.data, Tq) * q.dtype.type(scale)                                  # (nb, Tq, d), scaled once
+    kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)
+    nb = qs.shape[0]
+    bias = None if mask is None else np.where(mask, 0, -np.inf).astype(q.dtype)  # (Tq, Tk)
+    tiles = _tiles(nb, Tq, Tk, None if mask is None else np.asarray(mask))
+    workers = backend.cpu_workers()
+    y = np.zeros((nb, Tq, dv), q.dtype)
+    lse = np.zeros((nb, Tq, 1), q.dtype)
+
+    def scores(b0, b1, r0, r1, kend):
+        s = qs[b0:b1, r0:r1] @ kf[b0:b1, :kend].swapaxes(-1, -2)                 # (G, rows, kend)
+        if bias is not None:
+            s += bias[r0:r1, :kend]
+        return s
+
+    def forward_tile(worker, i):
+        b0, b1, r0, r1, kend = tiles[i]
+        if kend == 0:  # every row fully masked: y = 0
+            return
+        e = scores(b0, b1, r0, r1, kend)
+        m = e.max(axis=-1, keepdims=True)
+        m[~np.isfinite(m)] = 0                  # fully masked rows: e = 0 below
+        e -= m
+        np.exp(e, out=e)
+        total = e.sum(axis=-1, keepdims=True)
+        total[total == 0] = 1
+        out = e @ vf[b0:b1, :kend]
+        out /= total
+        y[b0:b1, r0:r1] = out
+        lse[b0:b1, r0:r1] = m + np.log(total)
+
+    backend.parallel_tiles(forward_tile, len(tiles), workers)
+
+    def backward(g):
+        g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
+        delta = (g * y).sum(axis=-1, keepdims=True)                              # rowsum(dP * P) = g . y
+        dq = np.zeros_like(qs)
+        dk = np.zeros((workers,) + kf.shape, q.dtype)  # one accumulator per thread: blocks share keys
+        dvs = np.zeros((workers,) + vf.shape, q.dtype)
+
+        def backward_tile(worker, i):
+            b0, b1, r0, r1, kend = tiles[i]
+            if kend == 0:
+                return
+            p = scores(b0, b1, r0, r1, kend)
+            p -= lse[b0:b1, r0:r1]
+            np.exp(p, out=p)                                                     # P, (G, rows, kend)
+            gt = g[b0:b1, r0:r1]
+            dvs[worker, b0:b1, :kend] += p.swapaxes(-1, -2) @ gt
+            ds = gt @ vf[b0:b1, :kend].swapaxes(-1, -2)                          # dP
+            ds -= delta[b0:b1, r0:r1]
+            ds *= p                                                              # dS / scale
+            dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
+            dk[worker, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
+
+        backend.parallel_tiles(backward_tile, len(tiles), workers)
+        if scale != 1.0:
+            dq *= q.dtype.type(scale)
+        shape = lambda a, n: a.reshape(batch + (n, a.shape[-1]))  # noqa: E731
+        return shape(dq, Tq), shape(dk.sum(axis=0), Tk), shape(dvs.sum(axis=0), Tk)
+    return make_result(y.reshape(batch + (Tq, dv)), (q, k, v), backward)
 
 
 def softmax_attention_reference(q, k, v, mask=None, scale=1.0):

@@ -68,8 +68,9 @@ def matmul(a, b):
         raise ValueError("matmul needs at least 2-D operands; reshape vectors to (1, n) or (n, 1)")
 
     def backward(g):
-        return g @ b.data.swapaxes(-1, -2), a.data.swapaxes(-1, -2) @ g
-    return make_result(a.data @ b.data, (a, b), backward)
+        return mm(g, b.data.swapaxes(-1, -2)), mm(a.data.swapaxes(-1, -2), g)
+    mm = backend.matmul  # a @ b; on the CPU big products are split over the cores
+    return make_result(mm(a.data, b.data), (a, b), backward)
 
 
 # ---------------------------------------------------------------- elementwise functions
