@@ -1,0 +1,121 @@
+"""What every example shares: its command line, output folder, figures, result files and a small
+training loop for the synthetic tasks (the text examples use minimosaic.train instead).
+
+Run an example from the repository root, e.g. `python examples/induction_head.py --quick`.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from minimosaic import nn, optim  # noqa: E402
+from minimosaic.tensor import no_grad  # noqa: E402
+
+
+def parse_args(name, description, extra=None):
+    """--quick (seconds, for CI), --out DIR (default out/examples/<name>), --seed; `extra(parser)` adds
+    the example's own options."""
+    parser = argparse.ArgumentParser(prog=f"examples/{name}.py", description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny settings that finish in seconds (CI)")
+    parser.add_argument("--out", default=f"out/examples/{name}", help="folder for figures and numbers")
+    parser.add_argument("--seed", type=int, default=0)
+    if extra:
+        extra(parser)
+    args = parser.parse_args()
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def figure(nrows=1, ncols=1, size=(5.0, 3.8)):
+    """A matplotlib Figure (object API, Agg: no display needed) and its axes as a 2-D array."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def save_figure(fig, path):
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def save_json(path, result):
+    Path(path).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    print(f"wrote {path}")
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-able: {type(x)}")
+
+
+def print_table(headers, rows):
+    """A plain text table, columns as wide as their widest cell."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for k, row in enumerate(cells):
+        print("  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(row, widths)))
+
+
+def _cell(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+class Stopwatch:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def __call__(self):
+        return time.perf_counter() - self.start
+
+
+def fit(model, next_batch, steps, lr, evaluate=None, eval_every=None, warmup=None, weight_decay=0.1,
+        grad_clip=1.0, min_lr_ratio=0.1, log_every=None, label=""):
+    """Train `model` on `model.loss(*next_batch(step))` with AdamW (betas 0.9, 0.95, decay on matrices
+    only), linear warmup then cosine decay, and gradient clipping: the recipe of minimosaic.train, for
+    data that is made up on the fly. Calls `evaluate(step)` (no graph) every `eval_every` steps and at
+    the end; returns the list of (step, evaluate(step)) and the list of training losses."""
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), weight_decay), lr=lr,
+                      betas=(0.9, 0.95), weight_decay=weight_decay)
+    schedule = optim.CosineSchedule(lr, lr * min_lr_ratio, warmup, steps)
+    history, losses = [], []
+
+    def check(step):
+        model.eval()
+        with no_grad():
+            history.append((step, evaluate(step)))
+        model.train()
+
+    model.train()
+    for step in range(steps):
+        if evaluate is not None and eval_every and step % eval_every == 0:
+            check(step)
+        loss = model.loss(*next_batch(step))
+        loss.backward()
+        optim.clip_grad_norm(model.parameters(), grad_clip)
+        opt.step(schedule(step))
+        model.zero_grad()
+        losses.append(float(loss.data))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"{label}: loss became {losses[-1]} at step {step}; lower the learning rate")
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  {label} step {step + 1:5d}  loss {np.mean(losses[-log_every:]):.4f}", flush=True)
+    if evaluate is not None:
+        check(steps)
+    return history, losses
+
+
+def seed_all(seed):
+    """Seed parameter initialisation (nn.init_rng, xp.random) and return a data generator."""
+    nn.manual_seed(seed)
+    return np.random.default_rng(seed)
