@@ -90,8 +90,8 @@ class TrainConfig:
 # Presets: a model size with the training settings that suit it. 'char-tiny' is the default: it trains
 # on two CPU cores in a few minutes; the others want a GPU (or patience).
 PRESETS = {
-    "char-tiny": dict(level="char", n_layer=2, n_head=4, n_embd=64, block_size=64, pmem_size=256,
-                      batch_size=16, steps=1500, lr=3e-3, min_lr=3e-4, warmup=100, eval_interval=250,
+    "char-tiny": dict(level="char", n_layer=3, n_head=4, n_embd=96, block_size=64, pmem_size=336,
+                      batch_size=16, steps=2000, lr=3e-3, min_lr=3e-4, warmup=100, eval_interval=250,
                       eval_batches=10, log_interval=25),
     "char-small": dict(level="char", n_layer=4, n_head=4, n_embd=128, block_size=128, pmem_size=512,
                        batch_size=32, steps=5000, lr=1e-3, min_lr=1e-4, warmup=200, eval_interval=500),
