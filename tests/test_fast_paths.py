@@ -3,7 +3,7 @@ blocks, causal key ranges, recomputed weights) against the whole-array fused op 
 reference; the pooled matmul against a @ b; the pool itself. Values and gradients, float64 and float32."""
 import numpy as np
 import pytest
-from conftest import rand_tensor
+from conftest import grads_of, rand_tensor
 
 from minimosaic import backend, memories as mm, ops
 from minimosaic.gradcheck import gradcheck
@@ -23,14 +23,6 @@ def workers(request):
 def small_tiles(monkeypatch):
     """Tiles of 24 scores, so even small inputs are cut into many row blocks and batch groups."""
     monkeypatch.setattr(mm, "TILE_SCORES", 24)
-
-
-def grads_of(fn, inputs, upstream):
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    (out * Tensor(upstream)).sum().backward()
-    return out.data, [t.grad for t in inputs]
 
 
 CASES = {  # name: (q shape, k shape or None for k = q, v shape, mask, scale)

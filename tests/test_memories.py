@@ -4,21 +4,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import rand_tensor
+from conftest import grads_of, rand_tensor
 
 from minimosaic import memories as mm
 from minimosaic import nn
 from minimosaic.gradcheck import gradcheck
 from minimosaic.tensor import Tensor, no_grad
-
-
-def grads_of(fn, inputs, upstream):
-    """d sum(fn(inputs) * upstream) / d inputs, by backward()."""
-    for t in inputs:
-        t.grad = None
-    out = fn(*inputs)
-    (out * Tensor(upstream)).sum().backward()
-    return out.data, [t.grad for t in inputs]
 
 
 def assert_same_op(fast, reference, inputs, rng, atol=1e-10):
