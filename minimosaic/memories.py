@@ -167,7 +167,7 @@ def _tiled_softmax_attention(q, k, v, mask, scale):
     (one more q k^T product, flash-attention style), which saves the memory and the passes over it.
     """
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    (Tq, d), (Tk, dv) = q.shape[-2:], v.shape[-2:]
+    Tq, (Tk, dv) = q.shape[-2], v.shape[-2:]
     flat = lambda a, n: np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1]))  # noqa: E731
     qs = flat(q.data, Tq) * q.dtype.type(scale)                                  # (nb, Tq, d), scaled once
     kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)

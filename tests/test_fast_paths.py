@@ -7,7 +7,6 @@ from conftest import grads_of, rand_tensor
 
 from minimosaic import backend, memories as mm, ops
 from minimosaic.gradcheck import gradcheck
-from minimosaic.tensor import Tensor
 
 WORKERS = [1, 2]
 
