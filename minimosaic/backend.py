@@ -195,6 +195,31 @@ def parallel_tiles(body, count, workers):
             put(before)
 
 
+ELEMENTWISE_MIN = 1 << 18      # elements below which an elementwise fast path runs in one piece
+BLOCK_ELEMENTS = 1 << 15       # ~128 KB of float32 per block: the in-place passes stay in cache
+
+
+def map_blocks(fn, *arrays):
+    """Call fn(*blocks) on matching row blocks of arrays that share their leading axes (the last may
+    differ, e.g. (B, T, C) and (B, T, 1)); the outputs among them are written in place by fn, so they
+    must be C-contiguous arrays the caller just made.
+
+    On NumPy with the pool on, the blocks run on all cores (parallel_tiles); otherwise (CuPy, small
+    arrays) fn runs once on the whole arrays.
+    """
+    first = arrays[0]
+    workers = cpu_workers() if get_array_module(*arrays) is np else 1
+    if workers <= 1 or first.ndim == 0 or first.size < ELEMENTWISE_MIN:
+        fn(*arrays)
+        return
+    rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    step = max(1, BLOCK_ELEMENTS // first.shape[-1])
+
+    def block(worker, i):
+        fn(*(r[i * step:(i + 1) * step] for r in rows))
+    parallel_tiles(block, -(-rows[0].shape[0] // step), workers)
+
+
 PARALLEL_MATMUL_MIN = 1 << 21   # multiply-adds below which a product runs in one piece (tens of microseconds)
 
 

@@ -99,3 +99,38 @@ def test_parallel_tiles_runs_each_tile_once_and_raises(workers):
             raise ValueError("tile 7")
     with pytest.raises(ValueError, match="tile 7"):
         backend.parallel_tiles(fail, 20, workers)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_gelu_equals_reference(rng, dtype, workers, monkeypatch):
+    """gelu's in-place passes over row blocks (small blocks, so many of them, and a non-contiguous input)
+    give the values and gradients of the plain composed formula."""
+    monkeypatch.setattr(backend, "ELEMENTWISE_MIN", 1)
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS", 50)
+    x = rand_tensor((7, 9, 33), rng=rng, dtype=dtype)
+    x_strided = lambda x: ops.swapaxes(x, 0, 1)  # noqa: E731
+    upstream = rng.standard_normal((9, 7, 33)).astype(dtype)
+    fast, fast_grads = grads_of(lambda x: ops.gelu(x_strided(x)), [x], upstream)
+    plain, plain_grads = grads_of(lambda x: ops.gelu_reference(x_strided(x)), [x], upstream)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol)
+    np.testing.assert_allclose(fast_grads[0], plain_grads[0], rtol=tol, atol=tol)
+    assert fast.dtype == dtype and fast_grads[0].dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_layer_norm_equals_reference(rng, dtype, workers, monkeypatch):
+    """layer_norm over many small row blocks (and a non-contiguous input) gives the values and the
+    gradients (input, weight, bias) of the plain composed formula."""
+    monkeypatch.setattr(backend, "ELEMENTWISE_MIN", 1)
+    monkeypatch.setattr(backend, "BLOCK_ELEMENTS", 50)
+    x, w, b = (rand_tensor(s, rng=rng, dtype=dtype) for s in ((7, 9, 33), (33,), (33,)))
+    upstream = rng.standard_normal((9, 7, 33)).astype(dtype)
+    fast, fast_grads = grads_of(lambda x, w, b: ops.layer_norm(ops.swapaxes(x, 0, 1), w, b), [x, w, b], upstream)
+    plain, plain_grads = grads_of(lambda x, w, b: ops.layer_norm_reference(ops.swapaxes(x, 0, 1), w, b),
+                                  [x, w, b], upstream)
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol)
+    for got, expected in zip(fast_grads, plain_grads):
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+    assert fast.dtype == dtype and all(g.dtype == dtype for g in fast_grads)

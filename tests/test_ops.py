@@ -98,6 +98,7 @@ case("tanh", ops.tanh, UNARY, ref=np.tanh)
 case("sigmoid", ops.sigmoid, UNARY, ref=lambda a: 1 / (1 + np.exp(-a)))
 case("relu", ops.relu, UNARY, "nonzero", ref=lambda a: np.maximum(a, 0))
 case("gelu", ops.gelu, UNARY, ref=np_gelu)
+case("gelu_reference", ops.gelu_reference, UNARY, ref=np_gelu)
 case("abs", ops.abs, UNARY, "nonzero", ref=np.abs)
 case("clip", lambda a: ops.clip(a, -1.0, 1.0), UNARY, "off_kinks", ref=lambda a: np.clip(a, -1, 1))
 case("clip_low", lambda a: a.clip(-1.0), [((3, 4),)], "off_kinks", ref=lambda a: np.maximum(a, -1))
@@ -227,6 +228,8 @@ case("layer_norm_weight", ops.layer_norm, [((3, 6), (6,))], ref=np_layer_norm)
 case("layer_norm_bias", lambda x, b: ops.layer_norm(x, None, b), [((3, 6), (6,))],
      ref=lambda x, b: np_layer_norm(x, None, b))
 case("layer_norm_plain", ops.layer_norm, [((3, 6),), ((2, 2, 4),)], ref=np_layer_norm)
+case("layer_norm_reference", ops.layer_norm_reference, [((3, 6), (6,), (6,)), ((2, 3, 5), (5,), (5,))],
+     ref=np_layer_norm)
 IDS = np.array([[1, 4, 1, 0, 5], [4, 4, 2, 1, 3]])  # repeats: their gradients must add up
 case("embedding", lambda w: ops.embedding(w, on(w, IDS)), [((6, 4),)], ref=lambda w: w[IDS])
 case("embedding_tensor_ids", lambda w: ops.embedding(w, Tensor(on(w, IDS[0]))), [((6, 4),)],
