@@ -172,14 +172,22 @@ def _sync(xp):
         xp.cuda.Device().synchronize()
 
 
-def _peak_rss_mb():
-    """Peak resident set size of this process in MiB (VmHWM; ru_maxrss where /proc is missing)."""
+def _proc_status_mb(field):
+    """A memory field of /proc/self/status ('VmHWM', 'VmRSS') in MiB, or None where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_rss_mb():
+    """Peak resident set size of this process in MiB (VmHWM; ru_maxrss where /proc is missing)."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows
@@ -189,13 +197,7 @@ def _peak_rss_mb():
 
 
 def _rss_now_mb():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    return _proc_status_mb("VmRSS")
 
 
 def _summary(times, tokens_per_step, flops):

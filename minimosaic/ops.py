@@ -67,10 +67,9 @@ def matmul(a, b):
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError("matmul needs at least 2-D operands; reshape vectors to (1, n) or (n, 1)")
 
-    def backward(g):
-        return mm(g, b.data.swapaxes(-1, -2)), mm(a.data.swapaxes(-1, -2), g)
-    mm = backend.matmul  # a @ b; on the CPU big products are split over the cores
-    return make_result(mm(a.data, b.data), (a, b), backward)
+    def backward(g):  # backend.matmul is a @ b; on the CPU big products are split over the cores
+        return backend.matmul(g, b.data.swapaxes(-1, -2)), backend.matmul(a.data.swapaxes(-1, -2), g)
+    return make_result(backend.matmul(a.data, b.data), (a, b), backward)
 
 
 # ---------------------------------------------------------------- elementwise functions

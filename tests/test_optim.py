@@ -48,6 +48,15 @@ def test_adamw_matches_the_numpy_reference(wd, rng):
         assert not np.allclose(p.numpy(), start[k])
 
 
+def step_side_by_side(torch, ours, ref, params, theirs, grads):
+    """Give both optimizers the same gradients, step by step."""
+    for step_grads in grads:
+        for p, t, g in zip(params, theirs, step_grads):
+            p.grad, t.grad = g, torch.tensor(g)
+        ours.step()
+        ref.step()
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.1])
 def test_adamw_matches_torch(wd, rng):
     torch = pytest.importorskip("torch")
@@ -55,11 +64,7 @@ def test_adamw_matches_torch(wd, rng):
     theirs = [torch.tensor(p.numpy().copy(), requires_grad=True) for p in params]
     ours = AdamW(params, lr=0.02, weight_decay=wd)
     ref = torch.optim.AdamW(theirs, lr=0.02, weight_decay=wd)  # same defaults: betas, eps
-    for step_grads in grads:
-        for p, t, g in zip(params, theirs, step_grads):
-            p.grad, t.grad = g, torch.tensor(g)
-        ours.step()
-        ref.step()
+    step_side_by_side(torch, ours, ref, params, theirs, grads)
     for p, t in zip(params, theirs):
         np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=1e-12, atol=1e-15)
 
@@ -166,11 +171,7 @@ def test_sgd_matches_torch(rng):
     params, grads = params_and_grads(rng)
     theirs = [torch.tensor(p.numpy().copy(), requires_grad=True) for p in params]
     ours, ref = SGD(params, lr=0.1, momentum=0.9), torch.optim.SGD(theirs, lr=0.1, momentum=0.9)
-    for step_grads in grads:
-        for p, t, g in zip(params, theirs, step_grads):
-            p.grad, t.grad = g, torch.tensor(g)
-        ours.step()
-        ref.step()
+    step_side_by_side(torch, ours, ref, params, theirs, grads)
     for p, t in zip(params, theirs):
         np.testing.assert_allclose(p.numpy(), t.detach().numpy(), rtol=1e-13)
 
