@@ -409,8 +409,8 @@ def train(model_config, config, data, resume=False, logger=None):
     meta_common = dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
                        tokenizer=data.tokenizer.spec(), n_params=int(model.num_parameters()),
                        dataset=dict(name=data.name, source=data.source, text_sha256=data.text_sha256))
-    logger.begin(dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
-                      n_params=int(model.num_parameters()), start_step=step, dataset=data.name,
+    logger.begin(dict(model_config=meta_common["model_config"], train_config=meta_common["train_config"],
+                      n_params=meta_common["n_params"], start_step=step, dataset=data.name,
                       train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),
                       tokens_per_step=tokens_per_step))
 
