@@ -92,12 +92,41 @@ def asnumpy(array):
 
 def scatter_add(target, indices, values):
     """target[indices] += values, accumulating repeated indices (np.add.at / cupyx.scatter_add)."""
-    if get_array_module(target) is np:
-        np.add.at(target, indices, values)
+    xp = get_array_module(target)
+    if hasattr(xp.add, "at"):  # NumPy; CuPy >= 13
+        xp.add.at(target, indices, values)
     else:
         import cupyx
         cupyx.scatter_add(target, indices, values)
     return target
+
+
+def set_tf32(enabled=True):
+    """Let float32 matrix products on the GPU use TF32 tensor cores (Ampere and later), or forbid it.
+
+    TF32 keeps float32's range but rounds the products' inputs to a 10-bit mantissa: several times the
+    float32 rate, at a relative error near 1e-3 instead of 1e-7. Off by default (as in torch). CuPy reads
+    CUPY_TF32 when it first multiplies float32 matrices; once cupy is in use its setting is changed too.
+    """
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    if _cupy is not None:
+        try:
+            from cupy._core import _routines_linalg as linalg
+            linalg.set_compute_type(_cupy.float32, linalg.COMPUTE_TYPE_TF32 if enabled
+                                    else linalg.COMPUTE_TYPE_DEFAULT)
+        except (ImportError, AttributeError):  # a CuPy without this (private) switch: the variable rules
+            pass
+
+
+def sum_axes(a, axes):
+    """a summed over `axes` (keepdims=True). On CuPy one axis at a time: its reductions give each output
+    element one block, so a few outputs fed by millions of inputs (a per-head gradient summed over
+    batch, time and channels) would keep most of the GPU idle; axis by axis, every stage is wide."""
+    if get_array_module(a) is np or len(axes) < 2:
+        return a.sum(axis=tuple(axes), keepdims=True)
+    for axis in sorted(axes):
+        a = a.sum(axis=axis, keepdims=True)
+    return a
 
 
 def seed_everything(seed):

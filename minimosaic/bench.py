@@ -260,12 +260,15 @@ def _generation_lengths(s, gen_context):
     return prompt, context - prompt
 
 
-def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=True, gen_context=512):
+def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=True, gen_context=512,
+                 tf32=False):
     """Time our model (built with models.build_model) under the bench protocol; a result dict."""
     from . import models, nn, optim
     from .tensor import no_grad
 
     xp = backend.array_module(device)
+    if xp is not np:
+        backend.set_tf32(tf32)
     sync = lambda: _sync(xp)  # noqa: E731
     rss_base = _rss_now_mb()
     config = models.ModelConfig(model=model_name, **{k: s[k] for k in SETTINGS if k != "batch_size"})
@@ -329,13 +332,15 @@ def _import_by_path(path):
 
 
 def measure_reference(model_name, path, s, device="cpu", steps=15, warmup=3, threads=None,
-                      generation=True, gen_context=512):
+                      generation=True, gen_context=512, tf32=False):
     """Time the official PyTorch model in `path` (mosaic_model.py or gpt_model.py) the same way."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     dev = "cuda" if backend.normalize_device(device) == "gpu" else "cpu"
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)  # torch's default is off, as ours
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     rss_base = _rss_now_mb()
     module = _import_by_path(path)
@@ -423,6 +428,7 @@ def _run_child(side, job, threads, workdir, index):
     proc = subprocess.run([sys.executable, "-m", "minimosaic.bench", str(spec_path)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.exists():
+        sys.stderr.write(proc.stderr[-4000:])  # the child's traceback, for whoever reads the log
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return None, f"{side} {job['model_name']} failed (exit {proc.returncode}): {tail[0]}"
     return json.loads(out_path.read_text()), None
@@ -450,7 +456,7 @@ def _machine(device, threads):
 
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
-              threads=None, gen_context=512, progress=None):
+              threads=None, gen_context=512, tf32=False, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -476,7 +482,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
         backend.array_module("gpu")  # a clear error now if there is no GPU
     threads = threads or blas_threads()
     common = dict(s=settings, device=device, steps=steps, warmup=warmup, generation=generation,
-                  gen_context=gen_context)
+                  gen_context=gen_context, tf32=bool(tf32 and device == "gpu"))
     jobs = [("ours", dict(model_name=name, **common)) for name in names]
     notes = []
     references = [(name, path) for name, path in (("mosaic", reference_file), ("gpt", reference_gpt_file))
@@ -496,13 +502,11 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
             if progress:
                 progress(f"timing {job['model_name']} ({'minimosaic' if side == 'ours' else 'official torch'})...")
             result, error = _run_child(side, job, threads, workdir, index)
-            if error and side == "ours":
-                raise RuntimeError(error)
-            if error:
+            if error:  # reported, and the other sides still run
                 notes.append(error)
             else:
                 runs.append(result)
-    result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup,
+    result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup, tf32=common["tf32"],
                   machine=_machine(device, threads), runs=runs, ratios=_ratios(runs), notes=notes)
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

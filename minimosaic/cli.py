@@ -173,6 +173,10 @@ def train(
     log_interval: int = _opt("steps per log line", key="log_interval"),
     seed: int = _opt("random seed (weights, batches, dropout)", key="seed"),
     device: str = _opt("cpu or gpu (needs CuPy)", shown="cpu"),
+    tf32: bool = typer.Option(False, "--tf32", help="GPU: let float32 matmuls use TF32 tensor cores "
+                                                     "(faster, ~1e-3 relative error in products)"),
+    time_limit: float = _opt("stop after this many seconds of training, with a last evaluation and "
+                             "checkpoint (0: no limit)", key="time_limit"),
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
 ):
@@ -181,7 +185,8 @@ def train(
                      block_size=block_size, batch_size=batch_size, pmem_size=pmem_size, dropout=dropout,
                      lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, weight_decay=weight_decay,
                      grad_clip=grad_clip, grad_accum=grad_accum, eval_interval=eval_interval,
-                     eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device)
+                     eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device,
+                     tf32=tf32 or None, time_limit=time_limit)
     if resume:
         if out is None:
             out = Path(_default_out((model and model.value) or "mosaic", (level and level.value) or "char",
@@ -447,6 +452,7 @@ def bench(
     generation: bool = typer.Option(True, help="also time generation with and without the cache"),
     gen_context: int = typer.Option(512, help="context length reached by the generation benchmark"),
     threads: int = typer.Option(None, help="BLAS/torch threads for both sides [default: NumPy's]"),
+    tf32: bool = typer.Option(False, "--tf32", help="GPU: TF32 tensor-core matmuls on both sides"),
     json_out: Path = typer.Option(None, "--json", help="also write the results as JSON here"),
 ):
     from . import bench as benchmarks
@@ -455,7 +461,7 @@ def bench(
         preset=preset, model=model, overrides=benchmarks.parse_overrides(override), device=device,
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
-        progress=lambda line: typer.echo(line, err=True))
+        tf32=tf32, progress=lambda line: typer.echo(line, err=True))
     typer.echo(benchmarks.format_table(result))
 
 

@@ -52,7 +52,7 @@ import math
 
 import numpy as np
 
-from . import backend, nn, ops
+from . import backend, cuda_kernels, nn, ops
 from .backend import get_array_module
 from .tensor import Tensor, make_result
 
@@ -83,6 +83,8 @@ def _softmax_terms(q, k, mask, scale):
     """e = exp(scale q k^T - rowmax) with masked entries 0, and r = 1 / rowsum(e): softmax = e * r."""
     xp = get_array_module(q)
     e = q @ k.swapaxes(-1, -2)                                                   # (..., Tq, Tk)
+    if cuda_kernels.enabled("softmax_rows", e):  # GPU fast path: one pass per row, same result
+        return cuda_kernels.softmax_rows(e, mask, scale)
     if scale != 1.0:
         e *= scale
     if mask is not None:
@@ -129,14 +131,21 @@ def _dense_softmax_attention(q, k, v, mask, scale):
     y *= r
 
     def backward(g):
+        # The (Tq, Tk) arrays e and ds are only ever read as stored: a product with a transposed view
+        # of a batched array can make the library copy it first. X^T Y is computed as (Y^T X)^T,
+        # whose transposes touch only the small operands.
         g_r = g * r                                                              # (..., Tq, dv)
-        dv = e.swapaxes(-1, -2) @ g_r
+        dv = (g_r.swapaxes(-1, -2) @ e).swapaxes(-1, -2)                         # e^T g_r
         ds = g_r @ v.data.swapaxes(-1, -2)                                       # (..., Tq, Tk)
-        ds -= (g_r * y).sum(axis=-1, keepdims=True)
-        ds *= e
-        if scale != 1.0:
-            ds *= scale
-        return ds @ k.data, ds.swapaxes(-1, -2) @ q.data, dv
+        delta = (g_r * y).sum(axis=-1, keepdims=True)
+        if cuda_kernels.enabled("attention_score_grad", ds):  # GPU: the three passes below in one
+            cuda_kernels.attention_score_grad(ds, e, delta, scale)
+        else:
+            ds -= delta
+            ds *= e
+            if scale != 1.0:
+                ds *= scale
+        return ds @ k.data, (q.data.swapaxes(-1, -2) @ ds).swapaxes(-1, -2), dv   # dk = ds^T q
     return make_result(y, (q, k, v), backward)
 
 
@@ -274,7 +283,11 @@ def leaky_average(x, decay, chunk=LEAKY_CHUNK):
 
     O(T d) (see _leaky_scan). Backward: a_t = g_t + lambda a_{t+1} (the same scan, reversed in time)
     is dL/dx_t, and dL/dlambda = sum_{t >= 1} a_t . kbar_{t-1}.
+    On a GPU both scans are one CUDA kernel each (cuda_kernels.leaky_scan), tested against this code.
     """
+    if cuda_kernels.enabled("leaky_scan", x.data):
+        y = cuda_kernels.leaky_scan(x.data, decay.data)
+        return make_result(y, (x, decay), lambda g: cuda_kernels.leaky_scan_backward(g, y, decay.data))
     y = _leaky_scan(x.data, decay.data, chunk)
 
     def backward(g):
@@ -307,8 +320,10 @@ def peek_ahead(v, c):
     def backward(g):
         dv = g * c_
         dv[..., 1:, :] += (1 - c_) * g[..., :-1, :]
-        dc = (g * v.data).sum(axis=axes) - (g[..., :-1, :] * v.data[..., 1:, :]).sum(axis=axes)
-        return dv, dc
+        step = v.data.copy()                                                     # v_t - v_{t+1}
+        step[..., :-1, :] -= v.data[..., 1:, :]
+        return dv, backend.sum_axes(g * step, axes).reshape(-1)
+
     return make_result(out, (v, c), backward)
 
 
@@ -322,8 +337,13 @@ def normalize(x, eps=NORM_EPS):
     """y = x / (|x| + eps) over the last axis.
 
     Backward, n = |x|: dx = (g - x (y . g) / n) / (n + eps)   (the term is 0 where x = 0).
+    On a GPU: one warp per row, forward and backward (cuda_kernels.normalize_rows).
     """
     xp = x.xp
+    if cuda_kernels.enabled("normalize", x.data):
+        data = xp.ascontiguousarray(x.data)
+        y, norm = cuda_kernels.normalize_rows(data, eps)
+        return make_result(y, (x,), lambda g: (cuda_kernels.normalize_backward_rows(g, data, y, norm, eps),))
     norm = xp.sqrt((x.data * x.data).sum(axis=-1, keepdims=True))
     inv = 1 / (norm + eps)
     y = x.data * inv

@@ -7,7 +7,7 @@ Gradients that come back in a broadcast shape are summed down by the engine (ten
 """
 import math
 
-from . import backend
+from . import backend, cuda_kernels
 from .tensor import Tensor, make_result
 
 
@@ -399,21 +399,26 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     With r = 1/sqrt(var + eps) and dxhat = g * w:
     dx = r (dxhat - mean(dxhat) - xhat mean(dxhat * xhat)),  dw = sum g * xhat,  db = sum g.
     Fast path: rows are independent, so both passes run over cache-sized row blocks on all cores
-    (backend.map_blocks); `layer_norm_reference` is the same formula from primitive ops.
+    (backend.map_blocks); on a GPU, one CUDA block per row (cuda_kernels.layer_norm_rows). The plain
+    version is `layer_norm_reference`, the same formula from primitive ops.
     """
     xp, data = x.xp, x.data
     w = None if weight is None else weight.data
-    xhat, rstd = xp.empty(data.shape, data.dtype), xp.empty(data.shape[:-1] + (1,), data.dtype)
+    fast_gpu = cuda_kernels.enabled("layer_norm", data)
+    if fast_gpu:
+        out, xhat, rstd = cuda_kernels.layer_norm_rows(data, w, None if bias is None else bias.data, eps)
+    else:
+        xhat, rstd = xp.empty(data.shape, data.dtype), xp.empty(data.shape[:-1] + (1,), data.dtype)
 
-    def normalize(xhat, rstd, x):
-        xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
-        xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps, out=rstd)
-        xp.divide(1, rstd, out=rstd)
-        xhat *= rstd
-    backend.map_blocks(normalize, xhat, rstd, data)
-    out = xhat if w is None else xhat * w
-    if bias is not None:
-        out = out + bias.data
+        def normalize(xhat, rstd, x):
+            xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+            xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps, out=rstd)
+            xp.divide(1, rstd, out=rstd)
+            xhat *= rstd
+        backend.map_blocks(normalize, xhat, rstd, data)
+        out = xhat if w is None else xhat * w
+        if bias is not None:
+            out = out + bias.data
     params = tuple(p for p in (weight, bias) if p is not None)
 
     def backward(g):
@@ -422,8 +427,11 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
             xp.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
             dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
             dx *= rstd
-        dx = xp.empty(data.shape, g.dtype)
-        backend.map_blocks(input_grad, dx, g, xhat, rstd)
+        if fast_gpu:
+            dx = cuda_kernels.layer_norm_backward_rows(g, w, xhat, rstd)
+        else:
+            dx = xp.empty(data.shape, g.dtype)
+            backend.map_blocks(input_grad, dx, g, xhat, rstd)
         grads = [dx]
         if weight is not None:
             grads.append(g * xhat)

@@ -13,7 +13,7 @@ scalar towards zero has no regularising meaning, it only fights the parameter.
 """
 import math
 
-from . import backend
+from . import backend, cuda_kernels
 
 
 def is_matrix(param):
@@ -72,6 +72,9 @@ class AdamW(Optimizer):
                 m, v, g = self.m[i], self.v[i], p.grad
                 i += 1
                 if g is None:
+                    continue
+                if cuda_kernels.enabled("adamw", p.data):  # GPU: the lines below as one pass
+                    cuda_kernels.adamw_update(p.data, g, m, v, 1 - rate * wd, b1, b2, step_size, vhat_scale, eps)
                     continue
                 xp = p.xp
                 if wd:

@@ -40,7 +40,7 @@ def sum_to(grad, shape):
     extra = grad.ndim - len(shape)
     axes = tuple(range(extra)) + tuple(
         extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
-    return grad.sum(axis=axes, keepdims=True).reshape(shape)
+    return backend.sum_axes(grad, axes).reshape(shape)
 
 
 def _as_array(data, dtype=None):

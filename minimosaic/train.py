@@ -66,6 +66,8 @@ class TrainConfig:
     eval_batches: int = 20
     log_interval: int = 10
     device: str = "cpu"
+    tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
+    time_limit: float = 0.0          # seconds of training after which the run stops (0: no limit)
     out: str = "runs/run"
 
     def validate(self):
@@ -75,7 +77,7 @@ class TrainConfig:
             if int(getattr(self, name)) < low:
                 raise MinimosaicError(f"{name.replace('_', '-')} is {getattr(self, name)}: it must be "
                                       f"at least {low}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "time_limit"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise MinimosaicError(f"{name.replace('_', '-')} is {value}: it must be a number >= 0")
@@ -268,7 +270,8 @@ def read_run_meta(directory):
 
 
 # Settings a resumed run may change; anything else would make it a different run.
-RESUME_MAY_CHANGE = {"steps", "eval_interval", "eval_batches", "log_interval", "device", "out", "data"}
+RESUME_MAY_CHANGE = {"steps", "eval_interval", "eval_batches", "log_interval", "device", "out", "data",
+                     "tf32", "time_limit"}
 
 
 def _json_equal(a, b):
@@ -372,6 +375,8 @@ def train(model_config, config, data, resume=False, logger=None):
                               f"tokenizer's {data.tokenizer.vocab_size}: set it from the tokenizer")
     device = config.device
     backend.array_module(device)  # a clear error now if the GPU is asked for and missing
+    if device == "gpu":
+        backend.set_tf32(config.tf32)
     check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
     out = prepare_out(config.out, resume)
     latest = checkpoint_path(out, LATEST)
@@ -468,7 +473,9 @@ def train(model_config, config, data, resume=False, logger=None):
             model.zero_grad()
             step += 1
             pending.append((step, loss_sum / config.grad_accum, grad_norm, lr))
-            evaluating = step % config.eval_interval == 0 or step == config.steps
+            out_of_time = bool(config.time_limit) and (
+                elapsed + time.perf_counter() - loop_start >= config.time_limit)
+            evaluating = step % config.eval_interval == 0 or step == config.steps or out_of_time
             if evaluating or step % config.log_interval == 0:
                 record = summarize()  # before anything is saved: a non-finite loss never reaches a checkpoint
                 if evaluating:
@@ -490,6 +497,8 @@ def train(model_config, config, data, resume=False, logger=None):
                     write(summarize())
                 if not evaluating:
                     save(LATEST)
+                break
+            if out_of_time:  # --time-limit: this step was evaluated and saved above
                 break
     elapsed += time.perf_counter() - loop_start
     result = TrainResult(model, step, val_loss, None if best_val == math.inf else best_val, out,

@@ -1,0 +1,152 @@
+"""Where does a training step's time go? Per-op forward and backward times, device-synchronised.
+
+    python benchmarks/op_profile.py --preset tok-small --device gpu [--model mosaic] [--steps 5]
+
+Every op in minimosaic.ops and the fused ops of minimosaic.memories is wrapped so that the device is
+synchronised before and after it (and around its backward), and the time is added to that op's row.
+On a GPU each row therefore counts the op's kernels *and* the Python/launch time spent issuing them;
+the synchronised step is slower than a free-running one (printed beside it), but the ranking shows
+what to fuse. `engine` is what backward() spends outside the ops (summing broadcast gradients, adding
+gradients of shared inputs); `adamw` is the optimizer step.
+"""
+import argparse
+import collections
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minimosaic import backend, bench, memories, models, nn, ops, optim, tensor  # noqa: E402
+
+COMPOSITES = {"as_tensor", "shift", "masked_fill"}      # built from other ops: timed through those
+FUSED = ("leaky_average", "peek_ahead", "normalize", "softmax_attention")
+
+
+def instrument(sync, stats):
+    """Wrap the ops in place; stats[name] = [seconds, calls]."""
+    def record(name, start):
+        sync()
+        row = stats[name]
+        row[0] += time.perf_counter() - start
+        row[1] += 1
+
+    def wrap(name, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            record(name + " fwd", start)
+            fresh = all(out is not a for a in args)  # an op may hand back its input (dropout off)
+            if fresh and isinstance(out, tensor.Tensor) and out._backward is not None:
+                backward = out._backward
+
+                def timed_backward(g):
+                    sync()
+                    start = time.perf_counter()
+                    grads = backward(g)
+                    record(name + " bwd", start)
+                    return grads
+                out._backward = timed_backward
+            return out
+        return timed
+
+    for name in dir(ops):
+        fn = getattr(ops, name)
+        if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == ops.__name__ \
+                and name not in COMPOSITES and not name.endswith("_reference") and fn is not ops.Tensor:
+            setattr(ops, name, wrap(name, fn))
+    for name in FUSED:
+        wrapped = wrap(name, getattr(memories, name))
+        setattr(memories, name, wrapped)
+        if hasattr(models, name):
+            setattr(models, name, wrapped)
+    ops._install_methods()  # the Tensor operators pick up the wrapped functions
+
+
+def profile(preset, device, model_name, steps, warmup, overrides=None):
+    xp = backend.array_module(device)
+    sync = lambda: bench._sync(xp)  # noqa: E731
+    s = bench.resolve_settings(preset, overrides)
+    config = models.ModelConfig(model=model_name, **{k: s[k] for k in bench.SETTINGS if k != "batch_size"})
+    nn.manual_seed(0)
+    model = models.build_model(config).to(device)
+    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    batches = backend.to_device(bench._random_batches(s, warmup + steps), device)
+
+    def step(i, parts=None):
+        start = time.perf_counter()
+        loss = model.loss(batches[i, 0], batches[i, 1])
+        sync()
+        mid = time.perf_counter()
+        loss.backward()
+        sync()
+        after_backward = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        sync()
+        if parts is not None:
+            parts["forward"] += mid - start
+            parts["backward"] += after_backward - mid
+            parts["adamw"][0] += time.perf_counter() - after_backward
+            parts["adamw"][1] += 1
+
+    free_times = []
+    for i in range(warmup + steps):
+        sync()
+        start = time.perf_counter()
+        step(i)
+        sync()
+        if i >= warmup:
+            free_times.append(time.perf_counter() - start)
+
+    stats = collections.defaultdict(lambda: [0.0, 0])
+    instrument(sync, stats)
+    parts = {"forward": 0.0, "backward": 0.0, "adamw": stats["adamw"]}
+    for i in range(steps):
+        step(warmup + i, parts)
+    op_backward = sum(t for name, (t, _) in stats.items() if name.endswith(" bwd"))
+    stats["engine"] = [parts["backward"] - op_backward, steps]
+    free_ms = 1000 * sorted(free_times)[len(free_times) // 2]
+    return dict(preset=preset, device=device, model=model_name, steps=steps, free_step_ms=free_ms,
+                synced_step_ms=1000 * (parts["forward"] + parts["backward"] + parts["adamw"][0]) / steps,
+                rows={name: dict(ms_per_step=1000 * t / steps, calls_per_step=n / steps)
+                      for name, (t, n) in stats.items()})
+
+
+def format_profile(result, top=25):
+    rows = sorted(result["rows"].items(), key=lambda kv: -kv[1]["ms_per_step"])
+    total = sum(r["ms_per_step"] for _, r in rows)
+    lines = [f"{result['model']} {result['preset']} on {result['device']}: free-running step "
+             f"{result['free_step_ms']:.1f} ms, synchronised step {result['synced_step_ms']:.1f} ms",
+             f"{'op':28} {'ms/step':>8} {'share':>6} {'calls':>6}"]
+    for name, r in rows[:top]:
+        lines.append(f"{name:28} {r['ms_per_step']:8.2f} {r['ms_per_step'] / total:6.1%} "
+                     f"{r['calls_per_step']:6.0f}")
+    calls = sum(r["calls_per_step"] for _, r in rows)
+    lines.append(f"{'(all ops)':28} {total:8.2f} {'':6} {calls:6.0f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="char-small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="mosaic", choices=bench.MODELS)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    result = profile(args.preset, args.device, args.model, args.steps, args.warmup,
+                     bench.parse_overrides(args.set))
+    print(format_profile(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
