@@ -118,11 +118,15 @@ def set_tf32(enabled=True):
             pass
 
 
+STAGED_SUM_MIN = 1 << 20   # elements from which a multi-axis sum on CuPy goes axis by axis
+
+
 def sum_axes(a, axes):
-    """a summed over `axes` (keepdims=True). On CuPy one axis at a time: its reductions give each output
-    element one block, so a few outputs fed by millions of inputs (a per-head gradient summed over
-    batch, time and channels) would keep most of the GPU idle; axis by axis, every stage is wide."""
-    if get_array_module(a) is np or len(axes) < 2:
+    """a summed over `axes` (keepdims=True). On CuPy, for big arrays, one axis at a time: its reductions
+    give each output element one block, so a few outputs fed by millions of inputs (a per-head gradient
+    summed over batch, time and channels) would keep most of the GPU idle; axis by axis, every stage
+    is wide. Small arrays take one launch (a step of a small model is bound by launches)."""
+    if get_array_module(a) is np or len(axes) < 2 or a.size < STAGED_SUM_MIN:
         return a.sum(axis=tuple(axes), keepdims=True)
     for axis in sorted(axes):
         a = a.sum(axis=axis, keepdims=True)

@@ -44,7 +44,7 @@ if [ "$mode" = quick ]; then
   done
   stage profile-char-medium-b64 40 $py benchmarks/op_profile.py --device gpu --preset char-medium \
     --set batch_size=64 --steps 3 --warmup 2 --json "$logs/profile-char-medium-b64.json"
-  bench_opts=(--steps 5 --warmup 2)
+  bench_opts=(--steps "${GPU_CHECK_BENCH_STEPS:-5}" --warmup 2)
   bench_limit=60
 else
   TAIL=14 stage gpu_tests 110 $py -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" -rfE --durations=5

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minimosaic import checkpoint, train as trainer
+from minimosaic import backend, checkpoint, train as trainer
 from minimosaic.data import eval_batches, generate_stories
 from minimosaic.errors import MinimosaicError
 
@@ -269,3 +269,31 @@ def test_default_preset_learns_more_than_character_frequencies(tmp_path):
     text = data.tokenizer.decode(result.model.generate(np.asarray(data.tokenizer.encode("Once upon")), 200,
                                                        temperature=0.8, seed=0))
     assert " the " in text
+
+
+def test_time_limit_stops_the_run_with_a_last_evaluation_and_checkpoint(text_file, tmp_path):
+    result = run(text_file, tmp_path / "timed", steps=10_000, eval_interval=1000, time_limit=1e-9)
+    assert result.step == 1 and not result.interrupted and result.val_loss is not None  # one step, evaluated
+    assert checkpoint.load_checkpoint(tmp_path / "timed", "latest")[1]["step"] == 1
+    with pytest.raises(MinimosaicError, match="time-limit"):
+        configs(text_file, tmp_path / "bad", time_limit=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="CuPy with a CUDA GPU not available")
+@pytest.mark.parametrize("train_on,load_on", [("gpu", "cpu"), ("cpu", "gpu")])
+def test_a_run_trained_on_one_device_samples_on_the_other(text_file, tmp_path, train_on, load_on):
+    """Checkpoints hold host arrays: a GPU run samples on the CPU and the other way round, with the same
+    logits; resuming on the training device continues the run."""
+    out = tmp_path / "run"
+    result = run(text_file, out, steps=6, eval_interval=3, device=train_on)
+    assert result.step == 6 and math.isfinite(result.val_loss)
+    model, tokenizer, _ = trainer.load_run(out, device=load_on)
+    ids = np.asarray([tokenizer.encode("Once upon a time")])
+    trained = result.model
+    np.testing.assert_allclose(backend.asnumpy(model(ids).data), backend.asnumpy(trained(ids).data),
+                               rtol=1e-4, atol=1e-5)
+    sample = model.generate(ids[0], 20, seed=0)
+    assert sample.shape == (ids.shape[1] + 20,) and tokenizer.decode(sample.tolist())
+    resumed = run(text_file, out, resume=True, steps=8, eval_interval=3, device=train_on)
+    assert resumed.step == 8 and math.isfinite(resumed.val_loss)
