@@ -26,6 +26,8 @@ Fast ops, each with its plain reference beside it (tests check values and gradie
   softmax_attention  scores, mask, softmax and the weighted sum in one op with a hand-written backward
                      that keeps only exp(scores) and the row normalisers; reference: composed ops.
   peek_ahead, normalize  one pass each, hand-written backward; references from primitive ops.
+On a GPU the leaky scan, the attention's softmax and score gradient, and normalize run as CUDA kernels
+(cuda_kernels.py); the NumPy/CuPy code here is what they are tested against.
 
 Per-head scalars train 10x faster (like the official code): each is stored divided by FAST = 10 and
 used as FAST * stored. Adam's step size is about lr in stored units whatever the gradient's scale, so
