@@ -506,6 +506,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
                 notes.append(error)
             else:
                 runs.append(result)
+    if not runs:
+        raise MinimosaicError(f"every benchmark failed: {'; '.join(notes)}")
     result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup, tf32=common["tf32"],
                   machine=_machine(device, threads), runs=runs, ratios=_ratios(runs), notes=notes)
     if json_path:

@@ -186,3 +186,12 @@ def test_run_bench_on_the_gpu_reports_gpu_memory():
         assert run["gpu_mem_mb"] > 0 and "peak_rss_mb" not in run
         assert run["flops_per_step"] == bench.train_step_flops(run["model"], result["settings"])
     assert "GPU memory peak MiB" in bench.format_table(result)
+
+
+def test_a_failed_side_is_a_note_and_nothing_measured_is_an_error(monkeypatch):
+    def fail(side, job, threads, workdir, index):
+        return None, f"{side} {job['model_name']} failed (exit 1): boom"
+    monkeypatch.setattr(bench, "_run_child", fail)
+    with pytest.raises(MinimosaicError, match="every benchmark failed: ours mosaic failed"):
+        bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=1, warmup=0,
+                        generation=False)
