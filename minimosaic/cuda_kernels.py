@@ -11,7 +11,7 @@ the plain code does in several, and reads and writes each array once.
   softmax_rows          e = exp(scale s - rowmax) (0 where masked) and r = 1 / rowsum e, one block per row
   attention_score_grad  dS = scale e (dP - delta), in place
   layer_norm_rows       xhat, 1 / std and xhat w + b, one block per row; and the input gradient
-  normalize_rows        y = x / (|x| + eps), one warp per row; and its gradient
+  normalize_rows        y = s x / (|x| + eps) (s a per-head scale), one warp per row; and its gradient
   adamw_update          the whole AdamW update of one parameter (p, m, v) in one pass
 
 Every kernel has its plain CuPy/NumPy code as the reference right where it is used (the `else` branch
@@ -217,9 +217,11 @@ __global__ void layer_norm_backward_rows(const T* g, const T* w, const T* xhat, 
     }
 }
 
-// One warp per row (rows, n): norm[row] = |x|, y = x / (norm + eps).
+// One warp per row (rows, n): norm[row] = |x|, y = s x / (norm + eps), s = scale[head] (1 if scale is NULL)
+// with head = (row / per_head) % heads: rows ordered (..., heads, per_head).
 template<typename T>
-__global__ void normalize_rows(const T* x, T* y, T* norm, long long rows, int n, T eps) {
+__global__ void normalize_rows(const T* x, T* y, T* norm, const T* scale, long long rows, int n,
+                               long long per_head, int heads, T eps) {
     long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
@@ -228,25 +230,30 @@ __global__ void normalize_rows(const T* x, T* y, T* norm, long long rows, int n,
     for (int j = lane; j < n; j += 32) sq += in[j] * in[j];
     T nrm = sqrt(warp_sum(sq));
     T inv = T(1) / (nrm + eps);
+    if (scale) inv *= scale[(row / per_head) % heads];
     for (int j = lane; j < n; j += 32) y[row * n + j] = in[j] * inv;
     if (lane == 0) norm[row] = nrm;
 }
 
-// dx = (g - x (y . g) / norm) / (norm + eps), the middle term 0 where norm = 0; one warp per row.
+// With u = x / (norm + eps) and p = u . g:  dx = (s g - x s p / norm) / (norm + eps) (the middle term 0
+// where norm = 0), and partial[row] = p (summed per head, the gradient of s); one warp per row.
 template<typename T>
-__global__ void normalize_backward_rows(const T* g, const T* x, const T* y, const T* norm, T* dx,
-                                        long long rows, int n, T eps) {
+__global__ void normalize_backward_rows(const T* g, const T* x, const T* norm, const T* scale, T* dx,
+                                        T* partial, long long rows, int n, long long per_head, int heads,
+                                        T eps) {
     long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (row >= rows) return;
     long long o = row * n;
-    T dot = 0;
-    for (int j = lane; j < n; j += 32) dot += y[o + j] * g[o + j];
-    dot = warp_sum(dot);
     T nrm = norm[row];
-    T along = dot / (nrm > 0 ? nrm : T(1));
     T inv = T(1) / (nrm + eps);
-    for (int j = lane; j < n; j += 32) dx[o + j] = (g[o + j] - x[o + j] * along) * inv;
+    T p = 0;
+    for (int j = lane; j < n; j += 32) p += x[o + j] * g[o + j];
+    p = warp_sum(p) * inv;
+    T s = scale ? scale[(row / per_head) % heads] : T(1);
+    T along = s * p / (nrm > 0 ? nrm : T(1));
+    for (int j = lane; j < n; j += 32) dx[o + j] = (s * g[o + j] - x[o + j] * along) * inv;
+    if (lane == 0 && partial) partial[row] = p;
 }
 """
 
@@ -381,32 +388,49 @@ def layer_norm_backward_rows(g, w, xhat, rstd):
 
 
 # ---------------------------------------------------------------- normalize
-def normalize_rows(x, eps):
-    """(y, norm) with y = x / (|x| + eps) over the last axis, norm shaped (..., 1)."""
+def _head_layout(x, scale):
+    """(scale as a contiguous (H,) array or None, rows per head, heads) for x (..., H, T, d)."""
     import cupy
-    x = cupy.ascontiguousarray(x)
+    if scale is None:
+        return None, 1, 1
+    heads = scale.size
+    if x.ndim < 3 or x.shape[-3] != heads:
+        raise ValueError(f"a per-head scale of {heads} values needs x shaped (..., {heads}, T, d), got {x.shape}")
+    return cupy.ascontiguousarray(scale.reshape(-1), dtype=x.dtype), x.shape[-2], heads
+
+
+def normalize_rows(x, eps, scale=None):
+    """(y, norm): y = s x / (|x| + eps) over the last axis of x (contiguous), norm = |x| shaped (..., 1);
+    s = scale (H, 1, 1) per head for x (..., H, T, d), or 1. Reference: memories.normalize's plain code."""
+    import cupy
     n = x.shape[-1]
     rows = x.size // n
+    s, per_head, heads = _head_layout(x, scale)
     y = cupy.empty(x.shape, x.dtype)
     norm = cupy.empty(x.shape[:-1] + (1,), x.dtype)
     warps = _BLOCK // 32
     _kernel("normalize_rows", x.dtype)(((rows + warps - 1) // warps,), (_BLOCK,),
-                                       (x, y, norm, *_long(rows), *_int(n), _scalar(eps, x.dtype)))
+                                       (x, y, norm, s, *_long(rows), *_int(n), *_long(per_head), *_int(heads),
+                                        _scalar(eps, x.dtype)))
     return y, norm
 
 
-def normalize_backward_rows(g, x, y, norm, eps):
-    """dx of normalize_rows for the output gradient g (x, y, norm from the forward pass)."""
+def normalize_backward_rows(g, x, norm, eps, scale=None):
+    """(dx,) or (dx, dscale) of normalize_rows for the output gradient g (x and norm from the forward)."""
     import cupy
     g = cupy.ascontiguousarray(g, dtype=x.dtype)
-    x = cupy.ascontiguousarray(x)
     n = x.shape[-1]
     rows = x.size // n
+    s, per_head, heads = _head_layout(x, scale)
     dx = cupy.empty(x.shape, x.dtype)
+    partial = None if s is None else cupy.empty(rows, x.dtype)
     warps = _BLOCK // 32
     _kernel("normalize_backward_rows", x.dtype)(((rows + warps - 1) // warps,), (_BLOCK,),
-                                                (g, x, y, norm, dx, *_long(rows), *_int(n), _scalar(eps, x.dtype)))
-    return dx
+                                                (g, x, norm, s, dx, partial, *_long(rows), *_int(n),
+                                                 *_long(per_head), *_int(heads), _scalar(eps, x.dtype)))
+    if s is None:
+        return (dx,)
+    return dx, partial.reshape(-1, heads, per_head).sum(axis=(0, 2)).reshape(scale.shape)
 
 
 # ---------------------------------------------------------------- AdamW

@@ -335,30 +335,72 @@ def peek_ahead_reference(v, c):
     return (1 - c) * ops.shift(v, -1, axis=-2) + c * v
 
 
-def normalize(x, eps=NORM_EPS):
-    """y = x / (|x| + eps) over the last axis.
+def normalize(x, scale=None, eps=NORM_EPS):
+    """y = s u,  u = x / (|x| + eps) over the last axis; s = 1, or a per-head scale (H, 1, 1) for x
+    (..., H, T, d) (the key and value scales, applied in the same pass).
 
-    Backward, n = |x|: dx = (g - x (y . g) / n) / (n + eps)   (the term is 0 where x = 0).
+    Backward, n = |x|, gu = s g:  dx = (gu - x (u . gu) / n) / (n + eps)  (the term is 0 where x = 0),
+    ds_h = sum of g . u over every row of head h.
     On a GPU: one warp per row, forward and backward (cuda_kernels.normalize_rows).
     """
     xp = x.xp
+    parents = (x,) if scale is None else (x, scale)
+    s = None if scale is None else scale.data
     if cuda_kernels.enabled("normalize", x.data):
         data = xp.ascontiguousarray(x.data)
-        y, norm = cuda_kernels.normalize_rows(data, eps)
-        return make_result(y, (x,), lambda g: (cuda_kernels.normalize_backward_rows(g, data, y, norm, eps),))
+        y, norm = cuda_kernels.normalize_rows(data, eps, s)
+        return make_result(y, parents, lambda g: cuda_kernels.normalize_backward_rows(g, data, norm, eps, s))
     norm = xp.sqrt((x.data * x.data).sum(axis=-1, keepdims=True))
     inv = 1 / (norm + eps)
-    y = x.data * inv
+    u = x.data * inv
+    y = u if s is None else u * s
 
     def backward(g):
-        along = (y * g).sum(axis=-1, keepdims=True) / xp.where(norm > 0, norm, 1)
-        return ((g - x.data * along) * inv,)
-    return make_result(y, (x,), backward)
+        gu = g if s is None else g * s
+        along = (u * gu).sum(axis=-1, keepdims=True) / xp.where(norm > 0, norm, 1)
+        dx = (gu - x.data * along) * inv
+        return (dx,) if s is None else (dx, g * u)  # the engine sums g u down to (H, 1, 1)
+    return make_result(y, parents, backward)
 
 
-def normalize_reference(x, eps=NORM_EPS):
-    """normalize from ops: x / (sqrt(sum x^2) + eps)."""
-    return x / (ops.sqrt((x * x).sum(axis=-1, keepdims=True)) + eps)
+def normalize_reference(x, scale=None, eps=NORM_EPS):
+    """normalize from ops: x / (sqrt(sum x^2) + eps) (* scale)."""
+    u = x / (ops.sqrt((x * x).sum(axis=-1, keepdims=True)) + eps)
+    return u if scale is None else u * scale
+
+
+# ---------------------------------------------------------------- per-head scalars
+# Each is one op (forward and backward side by side) rather than a chain of three or four tiny ones: on a
+# GPU a small model's step is bound by the number of ops it issues. The chains are the references.
+def head_decay(rate):
+    """lambda_h = exp(-|FAST r_h|) for stored leak rates r (H,).   dlambda/dr = -FAST sign(r) lambda."""
+    xp = rate.xp
+    z = rate.data * FAST
+    out = xp.exp(-xp.abs(z))
+    return make_result(out, (rate,), lambda g: (g * out * xp.sign(z) * -FAST,))
+
+
+def head_decay_reference(rate):
+    return ops.exp(-ops.abs(rate * FAST))
+
+
+def head_scale(log_scale, factor, max_log=None):
+    """s_h = exp(min(factor l_h, max_log)) shaped (H, 1, 1), for stored log-scales l (H,).
+    ds/dl = factor s, and 0 where the min clipped (as ops.clip: the gradient passes at the bound)."""
+    xp = log_scale.xp
+    z = log_scale.data * factor
+    if max_log is not None:
+        z = xp.minimum(z, max_log)
+    out = xp.exp(z).reshape(-1, 1, 1)
+
+    def backward(g):
+        d = g.reshape(-1) * out.reshape(-1) * factor
+        return (d if max_log is None else d * (log_scale.data * factor <= max_log),)
+    return make_result(out, (log_scale,), backward)
+
+
+def head_scale_reference(log_scale, factor, max_log=None):
+    return ops.exp(ops.clip(log_scale * factor, None, max_log)).reshape(-1, 1, 1)
 
 
 # ---------------------------------------------------------------- feature extractors
@@ -400,12 +442,11 @@ class KeyExtractor(nn.Module):
 
     def decay(self):
         """lambda_h = exp(-b_h), b_h = |FAST leak_rate| >= 0.   (H,)"""
-        return ops.exp(-ops.abs(self.leak_rate * FAST))
+        return head_decay(self.leak_rate)
 
     def scale(self):
         """s_h^p = exp(min(p FAST log_scale, log(2^16 - 1))), shaped (H, 1, 1) to scale (B, H, T, hs)."""
-        log_scale = ops.clip(self.log_scale * (FAST * self.scale_power), None, LOG_SCALE_MAX)
-        return ops.exp(log_scale).reshape(-1, 1, 1)
+        return head_scale(self.log_scale, FAST * self.scale_power, LOG_SCALE_MAX)
 
     def forward(self, x, state=None):
         decay = self.decay()
@@ -416,7 +457,7 @@ class KeyExtractor(nn.Module):
                 carried = (decay.data[:, None] ** steps)[:, :, None] * state["kbar"]
                 kbar = kbar + Tensor(carried)
             state["kbar"] = kbar.data[:, :, -1:]                                 # (B, H, 1, hs)
-        return normalize(kbar) * self.scale()
+        return normalize(kbar, self.scale())
 
 
 class ValueExtractor(nn.Module):
@@ -441,7 +482,7 @@ class ValueExtractor(nn.Module):
                 vtilde = ops.concatenate([Tensor(state["vtilde"]), vtilde], axis=2)
             state["vtilde"] = last
         v = peek_ahead(vtilde, ops.clip(self.peek, 0.0, 1.0))
-        return normalize(v) * ops.exp(self.log_scale * FAST).reshape(-1, 1, 1)
+        return normalize(v, head_scale(self.log_scale, FAST))
 
 
 # ---------------------------------------------------------------- the two memories
@@ -504,7 +545,7 @@ class PersistentMemory(nn.Module):
         B, T, C = x.shape
         H = self.n_head
         y = softmax_attention(self._queries(x, state), self.P_k, self.P_v)      # (banks, H, B*T, hs)
-        y = y.mean(axis=0) * ops.exp(self.log_scale * FAST).reshape(-1, 1, 1)   # (H, B*T, hs)
+        y = y.mean(axis=0) * head_scale(self.log_scale, FAST)                    # (H, B*T, hs)
         y = ops.transpose(y.reshape(H, B, T, C // H), (1, 0, 2, 3))              # (B, H, T, hs)
         return self.W_o(merge_heads(y)).reshape(B, T, C)
 

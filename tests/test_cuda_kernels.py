@@ -147,11 +147,15 @@ def test_layer_norm_kernel_matches_the_plain_op(dtype, width, affine):
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [8, 64, 100])
-def test_normalize_kernel_matches_the_plain_op(dtype, width):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_normalize_kernel_matches_the_plain_op(dtype, width, scaled):
     rng = np.random.default_rng(width)
     x = rng.standard_normal((2, 3, 9, width))
     x[0, 1, 4] = 0  # a zero row: y = 0 and a finite gradient
-    _compare("normalize", memories.normalize, [x], dtype, rng=rng)
+    if scaled:        # a per-head scale (H, 1, 1), applied in the same pass
+        _compare("normalize", memories.normalize, [x, rng.uniform(0.5, 2.0, (3, 1, 1))], dtype, rng=rng)
+    else:
+        _compare("normalize", memories.normalize, [x], dtype, rng=rng)
 
 
 @on_gpu

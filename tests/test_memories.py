@@ -151,6 +151,25 @@ def test_normalize_equals_reference_and_gradcheck(rng):
     np.testing.assert_allclose(np.linalg.norm(mm.normalize(x).data, axis=-1), 1, rtol=1e-9)
 
 
+def test_normalize_with_a_per_head_scale_equals_reference_and_gradcheck(rng):
+    x, scale = rand_tensor((2, 3, 4, 5), rng=rng), rand_tensor((3, 1, 1), rng=rng, domain="positive")
+    assert_same_op(mm.normalize, mm.normalize_reference, [x, scale], rng)
+    gradcheck(mm.normalize, [x, scale])
+    np.testing.assert_allclose(np.linalg.norm(mm.normalize(x, scale).data, axis=-1),
+                               np.broadcast_to(scale.data[:, :, 0], (2, 3, 4)), rtol=1e-9)
+
+
+def test_per_head_scalars_equal_their_op_chains_and_gradcheck(rng):
+    rate = Tensor(rng.choice([-1.0, 1.0], 4) * rng.uniform(0.02, 0.5, 4), requires_grad=True)
+    assert_same_op(mm.head_decay, mm.head_decay_reference, [rate], rng)
+    gradcheck(mm.head_decay, [rate])
+    log_scale = Tensor(np.array([-0.3, 0.1, 0.25, 0.9]), requires_grad=True)  # the last one is clipped
+    for max_log in (None, 5.0):
+        assert_same_op(lambda l: mm.head_scale(l, 7.0, max_log), lambda l: mm.head_scale_reference(l, 7.0, max_log),
+                       [log_scale], rng)
+        gradcheck(lambda l: mm.head_scale(l, 7.0, max_log), [log_scale])
+
+
 # ---------------------------------------------------------------- extractors and memories
 def float64(module):
     return module.to(dtype=np.float64)
