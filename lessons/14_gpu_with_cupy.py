@@ -200,6 +200,45 @@ if HAVE_GPU:
           f"CPU {ms_cpu:.0f} ms, GPU {ms_gpu:.1f} ms ({ms_cpu / ms_gpu:.0f}x)")
 
 # %% [markdown]
+# ## Fewer, bigger launches: CUDA kernels of our own
+#
+# Profiling a training step on a GPU (`benchmarks/op_profile.py --device gpu`) shows where the plain
+# code loses: every CuPy call is a kernel launch plus some microseconds of Python, and every pass reads
+# and writes the whole array. Lesson 7's chunked leaky average runs a few launches per chunk of 16
+# positions; on a gpt2-small-sized model it took 116 ms of a 339 ms step. `minimosaic/cuda_kernels.py`
+# writes such hot spots as CUDA C++ that CuPy compiles at run time (`cupy.RawModule`): here the scan is
+# one thread per (batch, head, channel) walking the time axis, one launch for the whole array.
+
+# %%
+from minimosaic import cuda_kernels  # noqa: E402
+
+source = cuda_kernels._SOURCE
+start = source.index("// kbar_t = x_t")
+print(source[start:source.index("// Backward of the scan")])
+expect("the scan kernel is there", "__global__ void leaky_scan" in source)
+
+# %% [markdown]
+# The plain NumPy/CuPy code stays the reference: `cuda_kernels.use_kernels([])` switches every kernel
+# off (so does the environment variable `MINIMOSAIC_CUDA_KERNELS=0`), and the tests compare both on
+# random inputs. On a GPU we can do the same here, values and gradients:
+
+# %%
+if HAVE_GPU:
+    rng = np.random.default_rng(4)
+    k, decay = rng.standard_normal((2, 3, 37, 8)), rng.uniform(0.1, 0.9, 3)
+    results = []
+    for kernels in ([], ["leaky_scan"]):
+        cuda_kernels.use_kernels(kernels)
+        k_gpu = mm.Tensor(k, device="gpu", requires_grad=True)
+        decay_gpu = mm.Tensor(decay, device="gpu", requires_grad=True)
+        memories.leaky_average(k_gpu, decay_gpu).sum().backward()
+        results.append([mm.asnumpy(t) for t in (memories.leaky_average(k_gpu, decay_gpu).data,
+                                                k_gpu.grad, decay_gpu.grad)])
+    cuda_kernels.use_kernels("all")
+    for name, plain, fast in zip(("values", "d/dk", "d/dlambda"), *results):
+        check(f"kernel == plain CuPy code: {name}", fast, plain, atol=1e-10)
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. Find the break-even width: time `step_time` for `n_embd` = 32, 64, 128, 256 on both devices.
@@ -207,3 +246,5 @@ if HAVE_GPU:
 # 3. `ops.cross_entropy` keeps its count of counted rows as an array instead of calling `int(...)`. Why
 #    does that matter on a GPU? (Hint: what does converting a GPU value to a Python number force?)
 # 4. From the command line: `minimosaic train --device gpu --preset char-small`.
+# 5. Read `softmax_rows` in `minimosaic/cuda_kernels.py`: one block of 256 threads per row of scores.
+#    Which two reductions does it do, and why does `block_sum` need `__syncthreads()` twice?
