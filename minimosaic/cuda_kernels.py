@@ -26,6 +26,7 @@ import functools
 import os
 
 from .backend import get_array_module
+from .errors import MinimosaicError
 
 KERNELS = ("leaky_scan", "softmax_rows", "attention_score_grad", "layer_norm", "normalize", "adamw")
 _active = None
@@ -42,7 +43,8 @@ def use_kernels(names=None):
         names = names.split(",") if isinstance(names, str) else names
         unknown = {n.strip() for n in names} - set(KERNELS)
         if unknown:
-            raise ValueError(f"unknown CUDA kernel(s) {sorted(unknown)}: known are {', '.join(KERNELS)}")
+            raise MinimosaicError(f"unknown CUDA kernel(s) {', '.join(sorted(unknown))} (in MINIMOSAIC_CUDA_KERNELS "
+                                  f"or use_kernels): use 0, all, or some of {', '.join(KERNELS)}")
         _active = {n.strip() for n in names}
     return sorted(_active)
 

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import gpu_only, grads_of
 from minimosaic import backend, cuda_kernels, memories, models, nn, ops, optim
+from minimosaic.errors import MinimosaicError
 from minimosaic.tensor import Tensor
 
 DTYPES = [np.float64, np.float32]
@@ -36,7 +37,7 @@ def test_the_switch_takes_all_none_or_a_list_and_refuses_unknown_names():
     assert cuda_kernels.use_kernels("all") == sorted(cuda_kernels.KERNELS)
     assert cuda_kernels.use_kernels("0") == []
     assert cuda_kernels.use_kernels("leaky_scan, adamw") == ["adamw", "leaky_scan"]
-    with pytest.raises(ValueError, match="unknown CUDA kernel"):
+    with pytest.raises(MinimosaicError, match="unknown CUDA kernel"):
         cuda_kernels.use_kernels("leaky_scan,warp_drive")
 
 
