@@ -25,6 +25,8 @@ list ('leaky_scan,adamw') keeps only those. `use_kernels(...)` does the same fro
 import functools
 import os
 
+import numpy  # only for kernel arguments' C types; the arrays are CuPy's
+
 from .backend import get_array_module
 from .errors import MinimosaicError
 
@@ -283,19 +285,16 @@ def _strides(a):
 
 
 def _scalar(value, dtype):
-    import numpy
     return numpy.dtype(dtype).type(value)
 
 
 def _int(*values):
     """Kernel arguments declared `int` (32 bits: a Python int would be passed as 64)."""
-    import numpy
     return tuple(numpy.int32(v) for v in values)
 
 
 def _long(*values):
     """Kernel arguments declared `long long`."""
-    import numpy
     return tuple(numpy.int64(v) for v in values)
 
 

@@ -325,7 +325,6 @@ def peek_ahead(v, c):
         step = v.data.copy()                                                     # v_t - v_{t+1}
         step[..., :-1, :] -= v.data[..., 1:, :]
         return dv, backend.sum_axes(g * step, axes).reshape(-1)
-
     return make_result(out, (v, c), backward)
 
 
@@ -389,13 +388,12 @@ def head_scale(log_scale, factor, max_log=None):
     ds/dl = factor s, and 0 where the min clipped (as ops.clip: the gradient passes at the bound)."""
     xp = log_scale.xp
     z = log_scale.data * factor
-    if max_log is not None:
-        z = xp.minimum(z, max_log)
-    out = xp.exp(z).reshape(-1, 1, 1)
+    kept = None if max_log is None else z <= max_log
+    out = xp.exp(z if max_log is None else xp.minimum(z, max_log)).reshape(-1, 1, 1)
 
     def backward(g):
         d = g.reshape(-1) * out.reshape(-1) * factor
-        return (d if max_log is None else d * (log_scale.data * factor <= max_log),)
+        return (d if kept is None else d * kept,)
     return make_result(out, (log_scale,), backward)
 
 
