@@ -256,11 +256,16 @@ def map_blocks(fn, *arrays):
 PARALLEL_MATMUL_MIN = 1 << 21   # multiply-adds below which a product runs in one piece (tens of microseconds)
 
 
+gpu_matmul = None  # while cuda_graph records a step: its own cuBLAS call (CuPy's refuses to be recorded)
+
+
 def matmul(a, b):
     """a @ b. On NumPy, a large 2-D product is cut into row blocks run by the CPU pool (parallel_tiles),
     so it shares the cores the same way as the fused ops (BLAS's own threads spin while they wait, which
     stalls when the machine is busy)."""
-    workers = cpu_workers() if get_array_module(a, b) is np else 1
+    if get_array_module(a, b) is not np:
+        return a @ b if gpu_matmul is None else gpu_matmul(a, b)
+    workers = cpu_workers()
     if workers <= 1 or a.ndim != 2 or b.ndim != 2 or a.shape[0] * a.shape[1] * b.shape[1] < PARALLEL_MATMUL_MIN:
         return a @ b
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))

@@ -261,9 +261,12 @@ def _generation_lengths(s, gen_context):
 
 
 def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=True, gen_context=512,
-                 tf32=False):
-    """Time our model (built with models.build_model) under the bench protocol; a result dict."""
+                 tf32=False, cuda_graph=True):
+    """Time our model (built with models.build_model) under the bench protocol; a result dict.
+    On a GPU with cuda_graph, the step is replayed from a CUDA graph (cuda_graph.py) after one eager
+    step and the capture, both in the warm-up (which then has at least 2 steps)."""
     from . import models, nn, optim
+    from .cuda_graph import GraphedTrainingStep, training_step
     from .tensor import no_grad
 
     xp = backend.array_module(device)
@@ -277,14 +280,18 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
     model = models.build_model(config).to(device)
     model.train()
     opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    graphed = cuda_graph and xp is not np
+    warmup = max(warmup, 2) if graphed else warmup
     batches = backend.to_device(_random_batches(s, warmup + steps), device)
+    run_step = GraphedTrainingStep(model, opt) if graphed else None
     losses = []
 
-    def step(i):
-        loss = model.loss(batches[i, 0], batches[i, 1])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    def step(i):  # forward, backward, AdamW: the official code's step (no clipping)
+        if run_step is not None:
+            loss, _ = run_step(batches[i, 0], batches[i, 1])
+        else:
+            opt.prepare()
+            loss, _ = training_step(model, opt, batches[i, 0], batches[i, 1])
         if i in (0, warmup + steps - 1):
             losses.append(float(loss.item()))
 
@@ -292,14 +299,16 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
         xp.get_default_memory_pool().free_all_blocks()
     times = time_steps(step, sync, steps, warmup)
     flops = train_step_flops(model_name, s)
-    result = dict(side="ours", model=model_name, label=f"{model_name} (minimosaic)",
+    label = f"{model_name} (minimosaic{', CUDA graph' if graphed else ''})"
+    result = dict(side="ours", model=model_name, label=label, cuda_graph=graphed,
                   params=int(model.num_parameters()), flops_per_step=flops,
                   loss_first=losses[0], loss_last=losses[-1],
                   **_summary(times, s["batch_size"] * s["block_size"], flops))
     if xp is np:
         result.update(peak_rss_mb=_peak_rss_mb(), base_rss_mb=rss_base)
     else:
-        result.update(gpu_mem_mb=xp.get_default_memory_pool().total_bytes() / 2**20)
+        held = xp.get_default_memory_pool().total_bytes() + (run_step.memory_bytes() if run_step else 0)
+        result.update(gpu_mem_mb=held / 2**20)
     n = 4096 if xp is not np else 2048
     result["peak_gflops"] = matmul_peak_gflops(
         xp.matmul, lambda k: xp.asarray(_random_matrix(k)), sync, n)
@@ -456,13 +465,14 @@ def _machine(device, threads):
 
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
-              threads=None, gen_context=512, tf32=False, progress=None):
+              threads=None, gen_context=512, tf32=False, cuda_graph=True, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
     file given (`reference_file`: mosaic_model.py, `reference_gpt_file`: gpt_model.py). `threads`
     (default: what NumPy's BLAS uses, `blas_threads`) is given to both sides. Generation runs at
     batch 1 with a prompt of half of min(gen_context, block_size) tokens and as many new ones.
+    On a GPU, `cuda_graph` replays our step from a CUDA graph (the official code runs eagerly).
     `progress(line)` is called before each child starts. With `json_path` the result is also written
     there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
@@ -483,7 +493,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     threads = threads or blas_threads()
     common = dict(s=settings, device=device, steps=steps, warmup=warmup, generation=generation,
                   gen_context=gen_context, tf32=bool(tf32 and device == "gpu"))
-    jobs = [("ours", dict(model_name=name, **common)) for name in names]
+    jobs = [("ours", dict(model_name=name, cuda_graph=cuda_graph, **common)) for name in names]
     notes = []
     references = [(name, path) for name, path in (("mosaic", reference_file), ("gpt", reference_gpt_file))
                   if path]

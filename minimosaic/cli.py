@@ -96,7 +96,8 @@ class ConsoleLogger(trainer.TrainLogger):
             f"train    steps {t['steps']} | batch {t['batch_size']} x accum {t['grad_accum']} x block "
             f"{m['block_size']} = {info['tokens_per_step']:,} tokens/step | lr {t['lr']:g} -> "
             f"{t['min_lr']:g}, warmup {t['warmup']} | weight_decay {t['weight_decay']:g} grad_clip "
-            f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']}",
+            f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']}"
+            + (f", step {info['step_mode']}" if t["device"] == "gpu" else ""),
             f"out      {t['out']}"
             + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
         ]
@@ -175,6 +176,10 @@ def train(
     device: str = _opt("cpu or gpu (needs CuPy)", shown="cpu"),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: let float32 matmuls use TF32 tensor cores "
                                                      "(faster, ~1e-3 relative error in products)"),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
+                                       help="GPU: run each step eagerly; by default a run without dropout "
+                                            "or grad-accum records its step once as a CUDA graph and "
+                                            "replays it"),
     time_limit: float = _opt("stop after this many seconds of training, with a last evaluation and "
                              "checkpoint (0: no limit)", key="time_limit"),
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
@@ -186,7 +191,8 @@ def train(
                      lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, weight_decay=weight_decay,
                      grad_clip=grad_clip, grad_accum=grad_accum, eval_interval=eval_interval,
                      eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device,
-                     tf32=tf32 or None, time_limit=time_limit)
+                     tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None,
+                     time_limit=time_limit)
     if resume:
         if out is None:
             out = Path(_default_out((model and model.value) or "mosaic", (level and level.value) or "char",
@@ -453,6 +459,9 @@ def bench(
     gen_context: int = typer.Option(512, help="context length reached by the generation benchmark"),
     threads: int = typer.Option(None, help="BLAS/torch threads for both sides [default: NumPy's]"),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: TF32 tensor-core matmuls on both sides"),
+    no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
+                                       help="GPU: time our step eagerly, not replayed from a CUDA graph "
+                                            "(the official code always runs eagerly)"),
     json_out: Path = typer.Option(None, "--json", help="also write the results as JSON here"),
 ):
     from . import bench as benchmarks
@@ -461,7 +470,7 @@ def bench(
         preset=preset, model=model, overrides=benchmarks.parse_overrides(override), device=device,
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
-        tf32=tf32, progress=lambda line: typer.echo(line, err=True))
+        tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True))
     typer.echo(benchmarks.format_table(result))
 
 

@@ -439,16 +439,17 @@ def normalize_backward_rows(g, x, norm, eps, scale=None):
 def _adamw_kernel():
     import cupy
     return cupy.ElementwiseKernel(
-        "T g, T keep, T b1, T b2, T step_size, T vhat_scale, T eps", "T p, T m, T v",
+        "T g, raw T rates, T b1, T b2, T eps", "T p, T m, T v",
         """
         m = b1 * m + (1 - b1) * g;
         v = b2 * v + (1 - b2) * (g * g);
-        p = p * keep - step_size * (m / (sqrt(v) * vhat_scale + eps));
+        p = p * rates[0] - rates[1] * (m / (sqrt(v) * rates[2] + eps));
         """, "minimosaic_adamw")
 
 
-def adamw_update(p, g, m, v, keep, b1, b2, step_size, vhat_scale, eps):
-    """One AdamW step of one parameter in place (see optim.AdamW for the maths; keep = 1 - lr wd).
-    Reference: the plain branch of optim.AdamW.step."""
+def adamw_update(p, g, m, v, rates, b1, b2, eps):
+    """One AdamW step of one parameter in place (see optim.AdamW for the maths). `rates` is a device
+    array (keep, step_size, vhat_scale): read by the kernel, so a captured step replays with new values.
+    Reference: the plain branch of optim.AdamW.update."""
     t = lambda value: _scalar(value, p.dtype)  # noqa: E731
-    _adamw_kernel()(g, t(keep), t(b1), t(b2), t(step_size), t(vhat_scale), t(eps), p, m, v)
+    _adamw_kernel()(g, rates, t(b1), t(b2), t(eps), p, m, v)

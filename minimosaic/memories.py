@@ -84,7 +84,7 @@ def kernel_smoothing(query, keys, values, beta, mask=None):
 def _softmax_terms(q, k, mask, scale):
     """e = exp(scale q k^T - rowmax) with masked entries 0, and r = 1 / rowsum(e): softmax = e * r."""
     xp = get_array_module(q)
-    e = q @ k.swapaxes(-1, -2)                                                   # (..., Tq, Tk)
+    e = backend.matmul(q, k.swapaxes(-1, -2))                                    # (..., Tq, Tk)
     if cuda_kernels.enabled("softmax_rows", e):  # GPU fast path: one pass per row, same result
         return cuda_kernels.softmax_rows(e, mask, scale)
     if scale != 1.0:
@@ -129,7 +129,7 @@ def softmax_attention(q, k, v, mask=None, scale=1.0):
 def _dense_softmax_attention(q, k, v, mask, scale):
     """softmax_attention on whole arrays (the GPU path): keeps e (..., Tq, Tk), r and y."""
     e, r = _softmax_terms(q.data, k.data, mask, scale)
-    y = e @ v.data
+    y = backend.matmul(e, v.data)
     y *= r
 
     def backward(g):
@@ -137,8 +137,8 @@ def _dense_softmax_attention(q, k, v, mask, scale):
         # of a batched array can make the library copy it first. X^T Y is computed as (Y^T X)^T,
         # whose transposes touch only the small operands.
         g_r = g * r                                                              # (..., Tq, dv)
-        dv = (g_r.swapaxes(-1, -2) @ e).swapaxes(-1, -2)                         # e^T g_r
-        ds = g_r @ v.data.swapaxes(-1, -2)                                       # (..., Tq, Tk)
+        dv = backend.matmul(g_r.swapaxes(-1, -2), e).swapaxes(-1, -2)            # e^T g_r
+        ds = backend.matmul(g_r, v.data.swapaxes(-1, -2))                        # (..., Tq, Tk)
         delta = (g_r * y).sum(axis=-1, keepdims=True)
         if cuda_kernels.enabled("attention_score_grad", ds):  # GPU: the three passes below in one
             cuda_kernels.attention_score_grad(ds, e, delta, scale)
@@ -147,7 +147,8 @@ def _dense_softmax_attention(q, k, v, mask, scale):
             ds *= e
             if scale != 1.0:
                 ds *= scale
-        return ds @ k.data, (q.data.swapaxes(-1, -2) @ ds).swapaxes(-1, -2), dv   # dk = ds^T q
+        dq = backend.matmul(ds, k.data)
+        return dq, backend.matmul(q.data.swapaxes(-1, -2), ds).swapaxes(-1, -2), dv  # dk = ds^T q
     return make_result(y, (q, k, v), backward)
 
 

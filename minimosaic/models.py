@@ -132,13 +132,17 @@ class LanguageModel(nn.Module):
 
     def _ids(self, ids, cache):
         """ids as a 2-D integer array on the parameters' device; checks the length limit."""
-        ids = self.token_embedding.weight.xp.asarray(ids)
+        on_host = backend.device_of(ids) == "cpu"
+        ids = np.asarray(ids) if on_host else ids
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise MinimosaicError(f"ids must be a 2-D integer array (batch, time), got {ids.dtype} "
                                   f"{tuple(ids.shape)}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        # Checked where the ids are made, on the host: on a GPU the check would stop the host until the
+        # device caught up, every step. Ids already on the device are the caller's to check.
+        if on_host and ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise MinimosaicError(f"token ids must lie in [0, {self.config.vocab_size}): is the tokenizer "
                                   f"the one this model was trained with?")
+        ids = self.token_embedding.weight.xp.asarray(ids)
         past = 0 if cache is None else cache["length"]
         if self.max_context is not None and past + ids.shape[1] > self.max_context:
             raise MinimosaicError(f"{past + ids.shape[1]} tokens exceed block_size {self.max_context} of "

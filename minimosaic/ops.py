@@ -40,6 +40,10 @@ def sub(a, b):
 
 def mul(a, b):
     """z = a * b.   dz/da = b, dz/db = a."""
+    if isinstance(a, Tensor) and isinstance(b, (int, float)):
+        # a constant factor goes to the kernel as a number, never to the device as an array
+        c = a.dtype.type(b)
+        return make_result(a.data * c, (a,), lambda g: (g * c,))
     a, b = _pair(a, b)
     return make_result(a.data * b.data, (a, b), lambda g: (g * b.data, g * a.data))
 

@@ -15,7 +15,9 @@ resumed run logs the same losses, step for step, as one that never stopped.
 Nothing here prints: progress goes to a `logger` object (`TrainLogger` is the silent default; the CLI
 passes one that draws a progress bar), and one JSON line per log interval goes to `<out>/log.jsonl`.
 On a GPU the loss and grad norm stay device scalars between log intervals: reading one as a Python
-float waits for the GPU, so that happens once per interval, not once per step.
+float waits for the GPU, so that happens once per interval, not once per step. And on a GPU, a run
+without dropout or accumulation records its step once as a CUDA graph and replays it (cuda_graph.py):
+the same arithmetic, without Python issuing each of the step's kernels again.
 """
 import contextlib
 import dataclasses
@@ -35,6 +37,7 @@ from . import backend, checkpoint, nn, optim
 from .data import (BatchSampler, build_tokenizer, check_split_lengths, encode_dataset, eval_batches,
                    load_text, sequential_batches, tokenizer_from_spec)
 from .checkpoint import checkpoint_path
+from .cuda_graph import GraphedTrainingStep, why_not_captured
 from .errors import MinimosaicError
 from .models import ModelConfig, build_model
 from .tensor import no_grad
@@ -67,6 +70,7 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "cpu"
     tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
+    cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (cuda_graph.py)
     time_limit: float = 0.0          # seconds of training after which the run stops (0: no limit)
     out: str = "runs/run"
 
@@ -158,7 +162,7 @@ class TrainLogger:
 
     def begin(self, info):
         """Once before the first step. info: model_config, train_config (dicts), n_params, start_step,
-        dataset, train_tokens, val_tokens, tokens_per_step."""
+        dataset, train_tokens, val_tokens, tokens_per_step, step_mode ('CUDA graph' or 'eager (why)')."""
 
     def log(self, record):
         """One record per log interval: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s,
@@ -271,7 +275,7 @@ def read_run_meta(directory):
 
 # Settings a resumed run may change; anything else would make it a different run.
 RESUME_MAY_CHANGE = {"steps", "eval_interval", "eval_batches", "log_interval", "device", "out", "data",
-                     "tf32", "time_limit"}
+                     "tf32", "cuda_graph", "time_limit"}
 
 
 def _json_equal(a, b):
@@ -414,7 +418,13 @@ def train(model_config, config, data, resume=False, logger=None):
     meta_common = dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
                        tokenizer=data.tokenizer.spec(), n_params=int(model.num_parameters()),
                        dataset=dict(name=data.name, source=data.source, text_sha256=data.text_sha256))
-    logger.begin(dict(model_config=meta_common["model_config"], train_config=meta_common["train_config"],
+    graphed = None  # the step as a CUDA graph, where it can be one
+    why_eager = "--no-cuda-graph" if not config.cuda_graph else why_not_captured(
+        device, model_config.dropout, config.grad_accum)
+    if why_eager is None:
+        graphed = GraphedTrainingStep(model, optimizer, config.grad_clip)
+    logger.begin(dict(step_mode="CUDA graph" if graphed else f"eager ({why_eager})",
+                      model_config=meta_common["model_config"], train_config=meta_common["train_config"],
                       n_params=meta_common["n_params"], start_step=step, dataset=data.name,
                       train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),
                       tokens_per_step=tokens_per_step))
@@ -462,17 +472,22 @@ def train(model_config, config, data, resume=False, logger=None):
         loop_start = interval_start = time.perf_counter()
         while step < config.steps:
             lr = schedule(step)
-            loss_sum = 0.0
-            for _ in range(config.grad_accum):
-                x, y = sampler.next_batch()
-                loss = model.loss(backend.to_device(x, device), backend.to_device(y, device))
-                (loss * (1.0 / config.grad_accum) if config.grad_accum > 1 else loss).backward()
-                loss_sum = loss_sum + loss.data
-            grad_norm = optim.clip_grad_norm(model.parameters(), config.grad_clip)
-            optimizer.step(lr)
-            model.zero_grad()
+            if graphed is not None:
+                loss, grad_norm = graphed(*sampler.next_batch(), lr)
+                loss_mean, grad_norm = loss.copy(), grad_norm.copy()  # the next replay overwrites both
+            else:
+                loss_sum = 0.0
+                for _ in range(config.grad_accum):
+                    x, y = sampler.next_batch()  # host arrays: the ids are checked there, then copied over
+                    loss = model.loss(x, y)
+                    (loss * (1.0 / config.grad_accum) if config.grad_accum > 1 else loss).backward()
+                    loss_sum = loss_sum + loss.data
+                grad_norm = optim.clip_grad_norm(model.parameters(), config.grad_clip)
+                optimizer.step(lr)
+                model.zero_grad()
+                loss_mean = loss_sum / config.grad_accum
             step += 1
-            pending.append((step, loss_sum / config.grad_accum, grad_norm, lr))
+            pending.append((step, loss_mean, grad_norm, lr))
             out_of_time = bool(config.time_limit) and (
                 elapsed + time.perf_counter() - loop_start >= config.time_limit)
             evaluating = step % config.eval_interval == 0 or step == config.steps or out_of_time

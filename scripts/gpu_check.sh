@@ -3,12 +3,14 @@
 #
 #   bash scripts/gpu_check.sh [quick|full] [OUT_DIR]
 #
-# quick: the GPU tests, per-op profiles, and short benchmarks of the Memory Mosaic against the official code.
+# quick: the GPU tests and the benchmarks of the Memory Mosaic against the official code.
 # full:  the GPU tests, a 3-minute char-medium training run on tinyshakespeare, and the benchmarks.
 # Logs go to a scratch folder and come back as OUT_DIR/gpu_check.tgz; the summary table is printed last.
 # Needs (git-ignored, never committed): reference/mosaic_model.py and reference/gpt_model.py (the official
 # code), and tinyshakespeare.txt in $MINIMOSAIC_DATA_DIR (default .devdata/) for the training run.
-# Set GPU_CHECK_TF32=1 to run both sides with TF32 matmuls.
+# Set GPU_CHECK_TF32=1 to run both sides with TF32 matmuls; GPU_CHECK_TESTS="tests/test_x.py ..." runs only
+# those test files in quick mode; GPU_CHECK_EXTRA=1 adds tok-small without our CUDA kernels and
+# gpt2-small-like with TF32 on both sides.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-full}"
@@ -36,18 +38,19 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $logs/
 workers=()
 $py -c "import xdist" 2>/dev/null && workers=(-n 16)
 if [ "$mode" = quick ]; then
-  # about 4 minutes: find what breaks and where the time goes
-  TAIL=14 stage gpu_tests 90 $py -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" -rfE --durations=5
-  for preset in tok-small gpt2-small-like; do
-    stage "profile-$preset" 40 $py benchmarks/op_profile.py --device gpu --preset "$preset" --steps 3 \
-      --warmup 2 --json "$logs/profile-$preset.json"
-  done
-  stage profile-char-medium-b64 40 $py benchmarks/op_profile.py --device gpu --preset char-medium \
-    --set batch_size=64 --steps 3 --warmup 2 --json "$logs/profile-char-medium-b64.json"
-  bench_opts=(--steps "${GPU_CHECK_BENCH_STEPS:-5}" --warmup 2)
-  bench_limit=60
+  # about 5 minutes: find what breaks, then the benchmarks (GPU_CHECK_PROFILE=1 adds per-op profiles)
+  TAIL=14 stage gpu_tests 120 $py -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" -rfE --durations=5 \
+    ${GPU_CHECK_TESTS:-}
+  if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
+    for preset in tok-small gpt2-small-like; do
+      stage "profile-$preset" 40 $py benchmarks/op_profile.py --device gpu --preset "$preset" --steps 3 \
+        --warmup 2 --json "$logs/profile-$preset.json"
+    done
+  fi
+  bench_opts=(--steps "${GPU_CHECK_BENCH_STEPS:-10}" --warmup 3)
+  bench_limit=75
 else
-  TAIL=14 stage gpu_tests 110 $py -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" -rfE --durations=5
+  TAIL=14 stage gpu_tests 120 $py -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" -rfE --durations=5
   data_dir="${MINIMOSAIC_DATA_DIR:-.devdata}"
   if [ -f "$data_dir/tinyshakespeare.txt" ]; then
     # A 3-minute budget: --time-limit stops the loop (with a last evaluation); --steps sets the cosine
@@ -63,19 +66,20 @@ else
   bench_limit=90
 fi
 
-# the Memory Mosaic against the official code (training steps only: the targets are about training)
+# the Memory Mosaic against the official code (training steps only: the targets are about training);
+# ours replayed from a CUDA graph (the default), then ours eager, in the same call
 ref=()
 [ -f reference/mosaic_model.py ] && ref+=(--reference-file reference/mosaic_model.py)
 for preset in tok-small gpt2-small-like; do
   TAIL=24 stage "bench-$preset" "$bench_limit" $py -m minimosaic.cli bench --device gpu --preset "$preset" \
     --model mosaic --no-generation "${bench_opts[@]}" "${tf32[@]}" "${ref[@]}" --json "$logs/bench-$preset.json"
+  TAIL=3 stage "bench-eager-$preset" 45 $py -m minimosaic.cli bench --device gpu --preset "$preset" \
+    --model mosaic --no-generation --no-cuda-graph "${bench_opts[@]}" "${tf32[@]}" --json "$logs/bench-eager-$preset.json"
 done
-if [ "$mode" = full ]; then
+if [ "${GPU_CHECK_EXTRA:-0}" = 1 ]; then
   # what the CUDA kernels bring (the plain CuPy code, same protocol), and both sides with TF32 matmuls
-  for preset in tok-small gpt2-small-like; do
-    MINIMOSAIC_CUDA_KERNELS=0 TAIL=3 stage "bench-plain-$preset" 60 $py -m minimosaic.cli bench --device gpu \
-      --preset "$preset" --model mosaic --no-generation "${bench_opts[@]}" --json "$logs/bench-plain-$preset.json"
-  done
+  MINIMOSAIC_CUDA_KERNELS=0 TAIL=3 stage "bench-plain-tok-small" 60 $py -m minimosaic.cli bench --device gpu \
+    --preset tok-small --model mosaic --no-generation --no-cuda-graph "${bench_opts[@]}" --json "$logs/bench-plain-tok-small.json"
   TAIL=3 stage bench-tf32-gpt2-small-like 90 $py -m minimosaic.cli bench --device gpu --preset gpt2-small-like \
     --model mosaic --no-generation "${bench_opts[@]}" --tf32 "${ref[@]}" --json "$logs/bench-tf32-gpt2-small-like.json"
 fi

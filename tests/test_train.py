@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from minimosaic import backend, checkpoint, train as trainer
+from minimosaic import backend, checkpoint, cuda_graph, train as trainer
 from minimosaic.data import eval_batches, generate_stories
 from minimosaic.errors import MinimosaicError
 
@@ -297,3 +297,35 @@ def test_a_run_trained_on_one_device_samples_on_the_other(text_file, tmp_path, t
     assert sample.shape == (ids.shape[1] + 20,) and tokenizer.decode(sample.tolist())
     resumed = run(text_file, out, resume=True, steps=8, eval_interval=3, device=train_on)
     assert resumed.step == 8 and math.isfinite(resumed.val_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="CuPy with a CUDA GPU not available")
+def test_a_gpu_run_with_the_graph_logs_what_the_eager_run_logs(text_file, tmp_path):
+    """train() on the GPU with and without the graph: the same losses (to float32 rounding) step for step,
+    through evaluations and checkpoints between replays; then a resume records a new graph and goes on."""
+    settings = dict(steps=7, eval_interval=3, device="gpu")
+    graphed = run(text_file, tmp_path / "graph", **settings)
+    eager = run(text_file, tmp_path / "eager", cuda_graph=False, **settings)
+    logged = list(zip(losses(tmp_path / "graph"), losses(tmp_path / "eager")))
+    assert len(logged) == 7 and graphed.step == eager.step == 7
+    for (s1, l1, v1), (s2, l2, v2) in logged:
+        assert s1 == s2
+        np.testing.assert_allclose(l1, l2, rtol=1e-4)
+        assert (v1 is None) == (v2 is None) and (v1 is None or abs(v1 - v2) < 1e-3)
+    resumed = run(text_file, tmp_path / "graph", resume=True, steps=9, eval_interval=3, device="gpu")
+    assert resumed.step == 9 and np.isfinite(resumed.val_loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason="CuPy with a CUDA GPU not available")
+def test_dropout_runs_eagerly_and_says_so(text_file, tmp_path):
+    class Recorder(trainer.TrainLogger):
+        def begin(self, info):
+            self.mode = info["step_mode"]
+
+    recorder = Recorder()
+    run(text_file, tmp_path / "drop", logger=recorder, steps=2, eval_interval=2, device="gpu", dropout=0.1)
+    assert recorder.mode.startswith("eager") and "dropout" in recorder.mode
+    model_config, config = configs(text_file, tmp_path / "x", device="gpu")
+    assert config.cuda_graph and cuda_graph.why_not_captured(config.device, model_config.dropout, config.grad_accum) is None
