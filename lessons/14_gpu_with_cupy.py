@@ -239,6 +239,72 @@ if HAVE_GPU:
         check(f"kernel == plain CuPy code: {name}", fast, plain, atol=1e-10)
 
 # %% [markdown]
+# ## No launches at all: replaying a CUDA graph
+#
+# Even with those kernels, a small model's step is ~1,500 launches issued one by one from Python, each
+# a few microseconds of host time for a few microseconds of GPU work: the GPU waits for Python. CUDA
+# can **record** the launches of one step (stream capture: nothing runs, every launch becomes a node
+# of a graph) and **replay** the graph with one call. `minimosaic/cuda_graph.py` does this for a
+# whole training step. A replay repeats the recorded launches exactly, with the same arguments and
+# the same memory addresses, so:
+#
+# - each step copies its batch into the same input arrays, and parameters and AdamW moments are
+#   updated in place;
+# - whatever changes between steps must be read from device memory: AdamW's learning rate and bias
+#   corrections live in a small device array that `AdamW.prepare(lr)` fills before each replay;
+# - nothing may wait for the GPU inside the step (`float(loss)` would), since nothing runs while recording.
+#
+# One surprise on the way: CuPy refuses to call cuBLAS while a stream is being recorded. So while
+# recording, each matrix product goes to a cuBLAS handle of our own, called through `ctypes`. cuBLAS
+# thinks in column-major matrices: a row-major (R, C) array is the column-major (C, R) matrix of
+# its transpose, so C = A B is computed as C^T = B^T A^T. `gemm_operand` works out, for any
+# NumPy/CuPy layout, how cuBLAS must read it (op N or T, leading dimension, batch stride), or copies
+# it when no single strided batch can describe it. Here is a transposed view of a batch of matrices:
+
+# %%
+from minimosaic import cuda_graph  # noqa: E402
+
+keys = np.random.default_rng(5).standard_normal((2, 3, 5, 4))
+kt = keys.swapaxes(-1, -2)                                 # (2, 3, 4, 5): a view, columns contiguous
+array, op, ld, step = cuda_graph.gemm_operand(kt, (2, 3))
+print(f"op {'N' if op == cuda_graph.OP_N else 'T'}, leading dimension {ld}, batch stride {step}, "
+      f"copied: {array.base is None}")
+# read memory the way cuBLAS will: column-major (rows, cols) with stride ld, one matrix every `step`
+stored = np.lib.stride_tricks.as_strided(array, (6, 4, 5), (step * 8, 8, ld * 8))   # op T: stored is X
+check("cuBLAS's reading of the view is the view", stored.reshape(2, 3, 4, 5), kt)
+
+# %% [markdown]
+# On a GPU, the recorded step and the eager step train the same model (tests/test_cuda_graph.py does
+# this in float64, to 1e-9); the replay just takes less time:
+
+# %%
+if HAVE_GPU:
+    cp = mm.backend.array_module("gpu")
+    config = ModelConfig(model="mosaic", vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=32,
+                         pmem_size=64)
+    batch = np.random.default_rng(6).integers(0, 64, (8, 33))
+    timings = {}
+    for graphed in (False, True):
+        nn.manual_seed(0)
+        model = build_model(config).to("gpu")
+        opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3)
+        replay = cuda_graph.GraphedTrainingStep(model, opt, grad_clip=1.0)  # eager, records, replays
+        times = []
+        for i in range(6):
+            cp.cuda.Device().synchronize()
+            start = time.perf_counter()
+            if graphed:
+                loss, _ = replay(batch[:, :-1], batch[:, 1:], 1e-3)
+            else:
+                opt.prepare(1e-3)
+                loss, _ = cuda_graph.training_step(model, opt, batch[:, :-1], batch[:, 1:], grad_clip=1.0)
+            cp.cuda.Device().synchronize()
+            times.append(time.perf_counter() - start)
+        timings[graphed] = (1000 * min(times[2:]), float(loss))
+    print(f"eager {timings[False][0]:.2f} ms/step, replayed {timings[True][0]:.2f} ms/step")
+    check("the same loss after 6 steps", timings[True][1], timings[False][1], rtol=1e-3)
+
+# %% [markdown]
 # ## Exercises
 #
 # 1. Find the break-even width: time `step_time` for `n_embd` = 32, 64, 128, 256 on both devices.
@@ -248,3 +314,5 @@ if HAVE_GPU:
 # 4. From the command line: `minimosaic train --device gpu --preset char-small`.
 # 5. Read `softmax_rows` in `minimosaic/cuda_kernels.py`: one block of 256 threads per row of scores.
 #    Which two reductions does it do, and why does `block_sum` need `__syncthreads()` twice?
+# 6. Why does a model with dropout train eagerly (`cuda_graph.why_not_captured`)? What would a replay
+#    do to the dropout masks, and what would you have to change to record dropout too?

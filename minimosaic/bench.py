@@ -264,9 +264,10 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
                  tf32=False, cuda_graph=True):
     """Time our model (built with models.build_model) under the bench protocol; a result dict.
     On a GPU with cuda_graph, the step is replayed from a CUDA graph (cuda_graph.py) after one eager
-    step and the capture, both in the warm-up (which then has at least 2 steps)."""
+    step and the capture, both in the warm-up (which then has at least 2 steps), unless
+    cuda_graph.why_not_captured gives a reason (then it runs eagerly)."""
     from . import models, nn, optim
-    from .cuda_graph import GraphedTrainingStep, training_step
+    from .cuda_graph import GraphedTrainingStep, training_step, why_not_captured
     from .tensor import no_grad
 
     xp = backend.array_module(device)
@@ -280,7 +281,7 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
     model = models.build_model(config).to(device)
     model.train()
     opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
-    graphed = cuda_graph and xp is not np
+    graphed = cuda_graph and why_not_captured(backend.normalize_device(device), 0.0, 1) is None
     warmup = max(warmup, 2) if graphed else warmup
     batches = backend.to_device(_random_batches(s, warmup + steps), device)
     run_step = GraphedTrainingStep(model, opt) if graphed else None

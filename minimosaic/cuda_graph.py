@@ -29,7 +29,7 @@ import os
 
 import numpy as np  # shapes only: the arrays here are CuPy's
 
-from . import backend, optim
+from . import backend, cuda_kernels, optim
 from .errors import MinimosaicError
 
 
@@ -53,6 +53,8 @@ def why_not_captured(device, dropout, grad_accum):
         return "dropout would replay the same mask every step"
     if grad_accum != 1:
         return "gradient accumulation runs several forward passes per step"
+    if "leaky_scan" not in cuda_kernels.active_kernels():
+        return "the plain leaky-average scan multiplies with CuPy's cuBLAS calls, which cannot be recorded"
     return None
 
 

@@ -6,7 +6,7 @@ The same comparison through `train()` (evaluations and checkpoints between repla
 import numpy as np
 import pytest
 
-from minimosaic import backend, models, nn, optim
+from minimosaic import backend, cuda_kernels, models, nn, optim
 from minimosaic.cuda_graph import (OP_N, CaptureBlas, GraphedTrainingStep, gemm_operand, training_step,
                                    why_not_captured)
 
@@ -18,6 +18,12 @@ def test_only_a_gpu_run_without_dropout_or_accumulation_is_captured():
     assert "GPU" in why_not_captured("cpu", 0.0, 1)
     assert "dropout" in why_not_captured("gpu", 0.1, 1)
     assert "accumulation" in why_not_captured("gpu", 0.0, 2)
+    before = cuda_kernels.active_kernels()
+    try:
+        cuda_kernels.use_kernels("layer_norm")  # the plain scan's products would go to CuPy's cuBLAS
+        assert "scan" in why_not_captured("gpu", 0.0, 1)
+    finally:
+        cuda_kernels.use_kernels(before)
 
 
 def test_training_step_is_the_loop_body(rng):
