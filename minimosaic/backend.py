@@ -19,6 +19,33 @@ _DEVICE_ALIASES = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
 _cupy = None  # imported on first use of the GPU
 
 
+TRIM_THRESHOLD = 1 << 30    # free memory at the heap's top that glibc keeps before returning it
+
+
+def keep_freed_memory():
+    """Let glibc's malloc keep freed memory for the next arrays instead of handing it back to the OS.
+
+    By default glibc gives each block over ~128 KiB its own memory map, unmaps it when it is freed,
+    and trims the heap's free top. A training step allocates and frees the same big temporaries every
+    step, so each fresh array then costs a page fault per 4 KiB page while the kernel hands out zeroed
+    pages again: about 30% of a char-small step on the CPU, torch's included (benchmarks/NOTES.md,
+    entry 8). With no maps of its own (M_MMAP_MAX = 0: every block comes from the heap) and no trimming
+    below 1 GiB, freed blocks are reused. The process keeps its high-water memory until it exits.
+    Called when minimosaic is imported; MINIMOSAIC_MALLOC=default skips it. True if glibc took both.
+    """
+    if os.environ.get("MINIMOSAIC_MALLOC", "").lower() == "default":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc (and musl, where it does nothing); not on macOS
+    except (AttributeError, OSError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+keep_freed_memory()
+
+
 def normalize_device(device):
     """'cpu' -> 'cpu'; 'gpu' or 'cuda' -> 'gpu'. Anything else is a user error."""
     name = _DEVICE_ALIASES.get(str(device).lower())
@@ -116,6 +143,14 @@ def set_tf32(enabled=True):
                                     else linalg.COMPUTE_TYPE_DEFAULT)
         except (ImportError, AttributeError):  # a CuPy without this (private) switch: the variable rules
             pass
+
+
+def row_sum(a):
+    """a.sum(axis=-1, keepdims=True). On NumPy, as a product with a ones vector: BLAS sums short rows
+    (32 to a few hundred numbers) 3-9x faster than NumPy's reduction, which is built for long ones."""
+    if get_array_module(a) is not np:
+        return a.sum(axis=-1, keepdims=True)
+    return np.matmul(a, np.ones(a.shape[-1], a.dtype))[..., None]
 
 
 STAGED_SUM_MIN = 1 << 20   # elements from which a multi-axis sum on CuPy goes axis by axis

@@ -433,6 +433,8 @@ def _run_child(side, job, threads, workdir, index):
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
+    if side == "reference":  # the official code as its users run it: glibc's default malloc settings,
+        env["MINIMOSAIC_MALLOC"] = "default"  # not the ones importing minimosaic sets (keep_freed_memory)
     package_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "minimosaic.bench", str(spec_path)], env=env,

@@ -153,7 +153,9 @@ def _dense_softmax_attention(q, k, v, mask, scale):
 
 
 # ---------------------------------------------------------------- CPU fast path: tiled attention
-TILE_SCORES = 1 << 16   # scores per tile: 256 KB in float32, so a tile's passes stay in a core's L2 cache
+TILE_SCORES = 1 << 18   # scores per tile: 1 MB in float32, about a core's L2 cache on recent x86; each
+                        # tile's products pack the keys once for all its rows, so fewer, taller tiles
+                        # waste less (2 cores, EPYC Zen 4: 5-9% per step over 256 KB tiles; NOTES, 8)
 
 
 def _tiles(batch, Tq, Tk, mask):
@@ -205,7 +207,7 @@ def _tiled_softmax_attention(q, k, v, mask, scale):
         m[~np.isfinite(m)] = 0                  # fully masked rows: e = 0 below
         e -= m
         np.exp(e, out=e)
-        total = e.sum(axis=-1, keepdims=True)
+        total = backend.row_sum(e)
         total[total == 0] = 1
         out = e @ vf[b0:b1, :kend]
         out /= total
@@ -216,22 +218,28 @@ def _tiled_softmax_attention(q, k, v, mask, scale):
 
     def backward(g):
         g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
-        delta = (g * y).sum(axis=-1, keepdims=True)                              # rowsum(dP * P) = g . y
+        delta = backend.row_sum(g * y)                                           # rowsum(dP * P) = g . y
         dq = np.zeros_like(qs)
         dk = np.zeros((workers,) + kf.shape, q.dtype)  # one accumulator per thread: blocks share keys
         dvs = np.zeros((workers,) + vf.shape, q.dtype)
+        # -lse and -delta ride along as one more column of the queries and of g, against a column of
+        # ones on the keys and on the values: the products then give s - lse and g v^T - delta
+        # directly, one pass over each tile of scores fewer for each.
+        ones = lambda a: np.ones(a.shape[:-1] + (1,), q.dtype)  # noqa: E731
+        with_column = lambda a, column: np.concatenate([a, column], axis=-1)  # noqa: E731
+        q_lse, k_one = with_column(qs, -lse), with_column(kf, ones(kf))
+        g_delta, v_one = with_column(g, -delta), with_column(vf, ones(vf))
 
         def backward_tile(worker, i):
             b0, b1, r0, r1, kend = tiles[i]
             if kend == 0:
                 return
-            p = scores(b0, b1, r0, r1, kend)
-            p -= lse[b0:b1, r0:r1]
+            p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
+            if bias is not None:
+                p += bias[r0:r1, :kend]
             np.exp(p, out=p)                                                     # P, (G, rows, kend)
-            gt = g[b0:b1, r0:r1]
-            dvs[worker, b0:b1, :kend] += p.swapaxes(-1, -2) @ gt
-            ds = gt @ vf[b0:b1, :kend].swapaxes(-1, -2)                          # dP
-            ds -= delta[b0:b1, r0:r1]
+            dvs[worker, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
+            ds = g_delta[b0:b1, r0:r1] @ v_one[b0:b1, :kend].swapaxes(-1, -2)    # dP - delta
             ds *= p                                                              # dS / scale
             dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
             dk[worker, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
@@ -350,14 +358,14 @@ def normalize(x, scale=None, eps=NORM_EPS):
         data = xp.ascontiguousarray(x.data)
         y, norm = cuda_kernels.normalize_rows(data, eps, s)
         return make_result(y, parents, lambda g: cuda_kernels.normalize_backward_rows(g, data, norm, eps, s))
-    norm = xp.sqrt((x.data * x.data).sum(axis=-1, keepdims=True))
+    norm = xp.sqrt(backend.row_sum(x.data * x.data))
     inv = 1 / (norm + eps)
     u = x.data * inv
     y = u if s is None else u * s
 
     def backward(g):
         gu = g if s is None else g * s
-        along = (u * gu).sum(axis=-1, keepdims=True) / xp.where(norm > 0, norm, 1)
+        along = backend.row_sum(u * gu) / xp.where(norm > 0, norm, 1)
         dx = (gu - x.data * along) * inv
         return (dx,) if s is None else (dx, g * u)  # the engine sums g u down to (H, 1, 1)
     return make_result(y, parents, backward)

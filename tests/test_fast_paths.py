@@ -1,6 +1,8 @@
 """The CPU fast paths against the plain code they replace: the tiled softmax attention (threads, row
 blocks, causal key ranges, recomputed weights) against the whole-array fused op and the composed
 reference; the pooled matmul against a @ b; the pool itself. Values and gradients, float64 and float32."""
+import platform
+
 import numpy as np
 import pytest
 from conftest import grads_of, rand_tensor
@@ -134,3 +136,13 @@ def test_blocked_layer_norm_equals_reference(rng, dtype, workers, monkeypatch):
     for got, expected in zip(fast_grads, plain_grads):
         np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
     assert fast.dtype == dtype and all(g.dtype == dtype for g in fast_grads)
+
+
+def test_malloc_settings_apply_on_glibc_and_can_be_switched_off(monkeypatch):
+    """keep_freed_memory (run at import) sets glibc's mmap and trim thresholds; MINIMOSAIC_MALLOC=default
+    leaves the allocator alone (the bench runs the official code that way)."""
+    monkeypatch.setenv("MINIMOSAIC_MALLOC", "default")
+    assert backend.keep_freed_memory() is False
+    monkeypatch.delenv("MINIMOSAIC_MALLOC")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert backend.keep_freed_memory() is True
