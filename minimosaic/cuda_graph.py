@@ -81,6 +81,8 @@ class GraphedTrainingStep:
             self.x, self.y = cupy.array(x), cupy.array(y)
             self._capture(cupy)
         else:
+            if tuple(x.shape) != self.x.shape or tuple(y.shape) != self.y.shape:
+                raise ValueError(f"a recorded step takes batches of shape {self.x.shape}, got {tuple(x.shape)}")
             self.x[...] = cupy.asarray(x)
             self.y[...] = cupy.asarray(y)
         self.graph.launch(cupy.cuda.get_current_stream())

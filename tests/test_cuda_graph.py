@@ -147,6 +147,18 @@ def test_replayed_steps_match_eager_steps(model_name):
 
 @pytest.mark.gpu
 @on_gpu
+def test_a_batch_of_another_shape_is_refused_not_broadcast():
+    model, opt = _model_and_optimizer("gpt", "gpu")
+    graphed = GraphedTrainingStep(model, opt)
+    batches = np.random.default_rng(7).integers(0, 37, (2, 2, 3, 12))
+    for x, y in batches:  # eager, then recorded
+        graphed(x, y, 1e-2)
+    with pytest.raises(ValueError, match="shape"):
+        graphed(batches[0, 0][:1], batches[0, 1][:1], 1e-2)  # (1, 12) would broadcast into (3, 12)
+
+
+@pytest.mark.gpu
+@on_gpu
 def test_arrays_made_between_replays_are_not_overwritten():
     """The graph's arrays come from its own memory pool: what other code allocates between replays (and
     keeps across the next replay) still holds its values afterwards."""
