@@ -8,6 +8,7 @@ import ctypes
 import glob
 import itertools
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,11 +34,11 @@ def keep_freed_memory():
     below 1 GiB, freed blocks are reused. The process keeps its high-water memory until it exits.
     Called when minimosaic is imported; MINIMOSAIC_MALLOC=default skips it. True if glibc took both.
     """
-    if os.environ.get("MINIMOSAIC_MALLOC", "").lower() == "default":
-        return False
+    if os.environ.get("MINIMOSAIC_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+        return False  # macOS and Windows have other allocators (and no mallopt)
     try:
-        mallopt = ctypes.CDLL(None).mallopt  # glibc (and musl, where it does nothing); not on macOS
-    except (AttributeError, OSError):
+        mallopt = ctypes.CDLL(None).mallopt  # glibc (and musl, where it does nothing)
+    except (AttributeError, OSError, TypeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

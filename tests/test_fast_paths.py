@@ -2,6 +2,7 @@
 blocks, causal key ranges, recomputed weights) against the whole-array fused op and the composed
 reference; the pooled matmul against a @ b; the pool itself. Values and gradients, float64 and float32."""
 import platform
+import sys
 
 import numpy as np
 import pytest
@@ -146,3 +147,6 @@ def test_malloc_settings_apply_on_glibc_and_can_be_switched_off(monkeypatch):
     monkeypatch.delenv("MINIMOSAIC_MALLOC")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert backend.keep_freed_memory() is True
+    for other in ("win32", "darwin"):  # no mallopt there: nothing is called, nothing fails
+        monkeypatch.setattr(sys, "platform", other)
+        assert backend.keep_freed_memory() is False
