@@ -1,13 +1,18 @@
 """Where does a training step's time go? Per-op forward and backward times, device-synchronised.
 
-    python benchmarks/op_profile.py --preset tok-small --device gpu [--model mosaic] [--steps 5]
+    python benchmarks/op_profile.py --preset tok-small --device gpu [--model mosaic] [--steps 5] [--plain]
 
-Every op in minimosaic.ops and the fused ops of minimosaic.memories is wrapped so that the device is
-synchronised before and after it (and around its backward), and the time is added to that op's row.
-On a GPU each row therefore counts the op's kernels *and* the Python/launch time spent issuing them;
-the synchronised step is slower than a free-running one (printed beside it), but the ranking shows
-what to fuse. `engine` is what backward() spends outside the ops (summing broadcast gradients, adding
-gradients of shared inputs); `adamw` is the optimizer step.
+The fast layer (minimosaic.fast) is on, as in `minimosaic train` and `minimosaic bench`; --plain (or
+MINIMOSAIC_PLAIN=1) profiles the plain core instead. Every op in minimosaic.ops and the ops of
+minimosaic.memories is wrapped so that the device is synchronised before and after it (and around its
+backward), and the time is added to that op's row. A replaceable op is timed through its dispatcher, so
+its row holds whichever code ran: the fast layer's replacement or the plain function. Functions that
+only compose other ops are not rows of their own: their ops are (the plain core's softmax_attention is
+softmax and matmuls); an op that runs inside another timed op (a replacement that declined and fell back
+to a composition) is counted in the outer one. On a GPU each row therefore counts the op's kernels *and*
+the Python/launch time spent issuing them; the synchronised step is slower than a free-running one
+(printed beside it), but the ranking shows what to fuse. `engine` is what backward() spends outside the
+ops (summing broadcast gradients, adding gradients of shared inputs); `adamw` is the optimizer step.
 """
 import argparse
 import collections
@@ -19,14 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimosaic import backend, bench, memories, models, nn, ops, optim, tensor  # noqa: E402
+from minimosaic import backend, bench, fast, memories, models, nn, ops, optim, tensor  # noqa: E402
 
 COMPOSITES = {"as_tensor", "shift", "masked_fill"}      # built from other ops: timed through those
-FUSED = ("leaky_average", "peek_ahead", "normalize", "softmax_attention")
+MEMORY_OPS = ("leaky_average", "peek_ahead", "normalize", "head_decay", "head_scale", "softmax_attention")
+PLAIN_COMPOSITES = {"softmax_attention"}                # composed from ops in the plain core
 
 
-def instrument(sync, stats):
-    """Wrap the ops in place; stats[name] = [seconds, calls]."""
+def instrument(sync, stats, plain=False):
+    """Wrap the ops in place; stats[name] = [seconds, calls]. plain: the fast layer is off, so the
+    functions in PLAIN_COMPOSITES are compositions and are timed through their ops."""
+    depth = [0]  # > 0 while a timed op runs: ops it calls are part of its time, not rows of their own
+
     def record(name, start):
         sync()
         row = stats[name]
@@ -36,9 +45,15 @@ def instrument(sync, stats):
     def wrap(name, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
+            if depth[0]:
+                return fn(*args, **kwargs)
             sync()
             start = time.perf_counter()
-            out = fn(*args, **kwargs)
+            depth[0] += 1
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
             record(name + " fwd", start)
             fresh = all(out is not a for a in args)  # an op may hand back its input (dropout off)
             if fresh and isinstance(out, tensor.Tensor) and out._backward is not None:
@@ -57,9 +72,11 @@ def instrument(sync, stats):
     for name in dir(ops):
         fn = getattr(ops, name)
         if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == ops.__name__ \
-                and name not in COMPOSITES and not name.endswith("_reference") and fn is not ops.Tensor:
+                and name not in COMPOSITES and not isinstance(fn, type):
             setattr(ops, name, wrap(name, fn))
-    for name in FUSED:
+    for name in MEMORY_OPS:
+        if plain and name in PLAIN_COMPOSITES:
+            continue
         wrapped = wrap(name, getattr(memories, name))
         setattr(memories, name, wrapped)
         if hasattr(models, name):
@@ -67,7 +84,12 @@ def instrument(sync, stats):
     ops._install_methods()  # the Tensor operators pick up the wrapped functions
 
 
-def profile(preset, device, model_name, steps, warmup, overrides=None):
+def profile(preset, device, model_name, steps, warmup, overrides=None, plain=False):
+    """Time `steps` training steps of a fresh model after `warmup` ones; the fast layer on unless plain."""
+    if plain:
+        fast.disable()
+    else:
+        fast.enable()
     xp = backend.array_module(device)
     sync = lambda: bench._sync(xp)  # noqa: E731
     s = bench.resolve_settings(preset, overrides)
@@ -104,14 +126,15 @@ def profile(preset, device, model_name, steps, warmup, overrides=None):
             free_times.append(time.perf_counter() - start)
 
     stats = collections.defaultdict(lambda: [0.0, 0])
-    instrument(sync, stats)
+    instrument(sync, stats, plain)
     parts = {"forward": 0.0, "backward": 0.0, "adamw": stats["adamw"]}
     for i in range(steps):
         step(warmup + i, parts)
     op_backward = sum(t for name, (t, _) in stats.items() if name.endswith(" bwd"))
     stats["engine"] = [parts["backward"] - op_backward, steps]
     free_ms = 1000 * sorted(free_times)[len(free_times) // 2]
-    return dict(preset=preset, device=device, model=model_name, steps=steps, free_step_ms=free_ms,
+    return dict(preset=preset, device=device, model=model_name, plain=plain, steps=steps,
+                free_step_ms=free_ms,
                 synced_step_ms=1000 * (parts["forward"] + parts["backward"] + parts["adamw"][0]) / steps,
                 rows={name: dict(ms_per_step=1000 * t / steps, calls_per_step=n / steps)
                       for name, (t, n) in stats.items()})
@@ -120,7 +143,8 @@ def profile(preset, device, model_name, steps, warmup, overrides=None):
 def format_profile(result, top=25):
     rows = sorted(result["rows"].items(), key=lambda kv: -kv[1]["ms_per_step"])
     total = sum(r["ms_per_step"] for _, r in rows)
-    lines = [f"{result['model']} {result['preset']} on {result['device']}: free-running step "
+    core = "plain core" if result.get("plain") else "fast layer"
+    lines = [f"{result['model']} {result['preset']} on {result['device']} ({core}): free-running step "
              f"{result['free_step_ms']:.1f} ms, synchronised step {result['synced_step_ms']:.1f} ms",
              f"{'op':28} {'ms/step':>8} {'share':>6} {'calls':>6}"]
     for name, r in rows[:top]:
@@ -140,9 +164,11 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--plain", action="store_true",
+                        help="profile the plain core, without the fast layer (also MINIMOSAIC_PLAIN=1)")
     args = parser.parse_args(argv)
     result = profile(args.preset, args.device, args.model, args.steps, args.warmup,
-                     bench.parse_overrides(args.set))
+                     bench.parse_overrides(args.set), plain=args.plain or fast.plain_requested())
     print(format_profile(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

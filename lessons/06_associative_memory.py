@@ -26,10 +26,11 @@
 # exactly the **softmax attention** everyone uses.
 
 # %%
+
 import numpy as np
 
 import minimosaic as mm
-from minimosaic import memories
+from minimosaic import memories, ops
 from _check import QUICK, check, expect
 
 rng = np.random.default_rng(0)
@@ -92,7 +93,7 @@ expect("more pairs need a larger beta", results[128, 2.0][0] < results[16, 2.0][
 # dot-product attention with scale $2\beta$. Memory Mosaics make every key a unit vector times a learned
 # length $s$, so $q\cdot k_i = s^2\, u\cdot u_i$: the learned key scale **is** the bandwidth
 # ($\beta = s^2/2$). `memories.softmax_attention(q, k, v, scale=...)` computes
-# $\operatorname{softmax}(\text{scale}\; q k^\top)\, v$ as one fused op.
+# $\operatorname{softmax}(\text{scale}\; q k^\top)\, v$.
 
 # %%
 n, beta = 50, 3.0
@@ -112,32 +113,53 @@ expect("... but not when key lengths differ", difference > 1e-3, f"max differenc
 # With unequal lengths the Gaussian form penalises long keys ($-\beta\lVert k_i\rVert^2$) while the dot
 # product *favours* them. Normalising the keys removes the question.
 #
-# ## The fused op and its plain reference
+# ## The op is the maths
 #
-# `softmax_attention` computes scores, softmax and weighted sum in one op with a hand-written backward
-# that keeps only what it needs. Beside it lives `softmax_attention_reference`, the same maths from
-# the ops of lessons 2-4 (`q @ k.T`, `softmax`, `@`). They must agree in value and in gradient, and both
-# must pass a gradient check (lesson 3).
+# `memories.softmax_attention` is written exactly as the formula reads: `ops.softmax(scale q @ k.T,
+# mask)`, then (while training with dropout) `ops.dropout`, then `@ v`. It has no backward of its own:
+# autograd chains the backwards of those three ops (lessons 2-4). Nothing is hidden: to see it,
+# we write the same maths once more, inline, from even smaller pieces (lesson 4's
+# softmax: subtract the row max, exponentiate, divide by the row sum), and compare values and all three
+# gradients. Both must also pass a gradient check (lesson 3).
 
 # %%
+def attention_by_hand(q, k, v, scale):
+    """softmax(scale q k^T) v from primitive ops, lesson 4's softmax written out."""
+    scores = (q @ ops.swapaxes(k, -1, -2)) * scale                               # (..., Tq, Tk)
+    e = ops.exp(scores - scores.max(axis=-1, keepdims=True).data)  # minus a constant: no overflow
+    return (e / e.sum(axis=-1, keepdims=True)) @ v
+
+
 def fresh(*shape):
     return mm.Tensor(rng.standard_normal(shape), requires_grad=True)
 
 
+def value_and_grads(op, inputs, g):
+    """op(*inputs), and the gradients of sum(op * g) with respect to every input."""
+    for t in inputs:
+        t.grad = None
+    out = op(*inputs)
+    (out * g).sum().backward()
+    return [out.numpy()] + [t.grad.copy() for t in inputs]
+
+
 qa, ka, va = fresh(2, 6, 4), fresh(2, 9, 4), fresh(2, 9, 3)
 g = rng.standard_normal((2, 6, 3))
-grads = []
-for op in (memories.softmax_attention, memories.softmax_attention_reference):
-    for t in (qa, ka, va):
-        t.grad = None
-    out = op(qa, ka, va, scale=0.7)
-    (out * g).sum().backward()
-    grads.append((out.numpy(), qa.grad.copy(), ka.grad.copy(), va.grad.copy()))
-for name, fused, plain in zip(["output", "dq", "dk", "dv"], *grads):
-    check(f"fused softmax_attention == reference: {name}", fused, plain, atol=1e-12)
+core = value_and_grads(lambda a, b, c: memories.softmax_attention(a, b, c, scale=0.7), (qa, ka, va), g)
+inline = value_and_grads(lambda a, b, c: attention_by_hand(a, b, c, 0.7), (qa, ka, va), g)
+for name, ours, by_hand in zip(["output", "dq", "dk", "dv"], core, inline):
+    check(f"softmax_attention == the maths inline: {name}", ours, by_hand, atol=1e-12)
 expect("gradcheck softmax_attention",
        mm.gradcheck(lambda a, b, c: memories.softmax_attention(a, b, c, scale=0.7), [qa, ka, va],
                     names=["q", "k", "v"]))
+
+# %% [markdown]
+# Written this way, attention stores the whole $(T_q, T_k)$ weight matrix and the graph of its
+# softmax, and its elementwise passes run on one core. That is the price of reading the maths as it
+# is. Speed lives in a separate, optional layer, `minimosaic.fast`, which this course keeps out of the
+# way until lesson 14: `softmax_attention` is marked `@replaceable`, and when the fast layer is on
+# (the CLI and the trainer turn it on) a flash-style tiled version with the same values and gradients
+# runs instead. `memories.softmax_attention.plain` is always the code you just checked.
 
 # %% [markdown]
 # ## Masks: which pairs a query may use
@@ -168,5 +190,7 @@ check("the other rows of weights sum to 1", weights[1:].sum(axis=1), np.ones(4))
 # 2. Query with the *average* of two stored keys. What comes out for small and for large $\beta$?
 # 3. Show that $\operatorname{softmax}(2\beta\, q\cdot k)$ does not change if you add the same vector
 #    to every key... or does it? Compare with the Gaussian form.
-# 4. Time `softmax_attention` against `softmax_attention_reference` forward + backward for
-#    $(8, 256, 32)$ inputs. Where does the fused op save work?
+# 4. Time `softmax_attention` forward + backward for $(8, 256, 32)$ inputs with and without a causal
+#    mask, in `fast.enabled(False)` and `fast.enabled(True)`. The fast layer's version never stores the
+#    $(T, T)$ weights: what does its backward compute again instead, and why is that still a win? (Read
+#    `_tiled_attention` in `minimosaic/fast/ops.py`.)

@@ -23,8 +23,8 @@
 #
 # At time $t$ the memory looks for past positions whose situation resembled the present one and
 # returns what followed them: $y_t = \sum_{s<t} \operatorname{softmax}_s(k_t\cdot k_s)\, v_s$. This lesson
-# builds both features, checks the fast $O(T)$ implementations against the plain $T \times T$ ones, and
-# shows why the sum stops at $s < t$.
+# builds both features, checks minimosaic's $O(T)$ recurrence against the $T \times T$ matrix form of the
+# official code, and shows why the sum stops at $s < t$.
 
 # %%
 import time
@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 import minimosaic as mm
-from minimosaic import memories
+from minimosaic import memories, ops
 from _check import QUICK, check, expect
 
 rng = np.random.default_rng(0)
@@ -47,9 +47,9 @@ rng = np.random.default_rng(0)
 # \bar k_t = \sum_{s \le t} \lambda^{t-s} x_s = (M x)_t, \quad M_{ts} = \lambda^{t-s}\,[s \le t].$$
 #
 # The recurrence costs $O(T)$ per feature; the matrix form costs $O(T^2)$ but is one matrix product.
-# minimosaic has both: `leaky_average_reference` builds $M$ (the official PyTorch code's way), and
-# `leaky_average` runs the recurrence (in chunks: a small $M$ inside chunks of 16 positions, the
-# recurrence across chunks). Each head $h$ has its own $\lambda_h$: shapes are (B, H, T, hs) and (H,).
+# `memories.leaky_average(x, decay)` **is** the recurrence: the three lines of the loop below, on whole
+# (B, H, hs) slices at a time, with a hand-written backward (next cell). The official PyTorch code
+# builds $M$ instead. Each head $h$ has its own $\lambda_h$: shapes are (B, H, T, hs) and (H,).
 
 # %%
 def leaky_by_hand(x, decay):
@@ -62,40 +62,66 @@ def leaky_by_hand(x, decay):
     return out
 
 
+def leaky_by_matrix(x, decay):
+    """The official code's way, from minimosaic ops (so autograd gives its gradient): kbar = M x with
+    M[t, s] = lambda^(t - s) for s <= t, else 0; lambda^n written exp(n log lambda) (lambda > 0)."""
+    xp, T = x.xp, x.shape[2]
+    t = xp.arange(T, dtype=x.dtype)
+    lag = t[:, None] - t[None, :]                                                 # (T, T): t - s
+    powers = ops.exp(ops.log(decay).reshape(-1, 1, 1) * xp.maximum(lag, 0))      # (H, T, T)
+    return (powers * (lag >= 0).astype(x.dtype)) @ x                             # M x, per head
+
+
 B, H, T, hs = 2, 3, 40, 4
 x_np = rng.standard_normal((B, H, T, hs))
 decay_np = np.array([0.05, 0.5, 0.95])
 x, decay = mm.Tensor(x_np, requires_grad=True), mm.Tensor(decay_np, requires_grad=True)
-fast = memories.leaky_average(x, decay)
-check("leaky_average (scan) == the recurrence by hand", fast, leaky_by_hand(x_np, decay_np), atol=1e-12)
-check("leaky_average (scan) == T x T matrix reference", fast, memories.leaky_average_reference(x, decay),
-      atol=1e-12)
+kbar = memories.leaky_average(x, decay)
+check("leaky_average == the recurrence by hand", kbar, leaky_by_hand(x_np, decay_np), atol=1e-12)
+check("leaky_average == T x T matrix M x", kbar, leaky_by_matrix(x, decay), atol=1e-12)
 
 # %% [markdown]
 # Their gradients must agree too, for $x$ and for $\lambda$ (the forgetting rate is learned). The
 # backward of a leaky average is another leaky average, run backwards in time:
-# $a_t = g_t + \lambda a_{t+1}$ is $\partial L/\partial x_t$.
+# $a_t = g_t + \lambda a_{t+1}$ is $\partial L/\partial x_t$, and
+# $\partial L/\partial\lambda = \sum_{t \ge 1} a_t\cdot\bar k_{t-1}$. That reversed recurrence is
+# `leaky_average`'s hand-written backward; the matrix form gets its gradient from autograd.
 
 # %%
 g = rng.standard_normal((B, H, T, hs))
-grads = []
-for op in (memories.leaky_average, memories.leaky_average_reference):
+
+
+def leaky_grads(op):
+    """d/dx and d/dlambda of sum(op(x, decay) * g)."""
     x.grad = decay.grad = None
     (op(x, decay) * g).sum().backward()
-    grads.append((x.grad.copy(), decay.grad.copy()))
-check("scan vs matrix: d/dx", grads[0][0], grads[1][0], atol=1e-10)
-check("scan vs matrix: d/dlambda", grads[0][1], grads[1][1], atol=1e-9)
+    return x.grad.copy(), decay.grad.copy()
+
+
+recurrence, matrix = leaky_grads(memories.leaky_average), leaky_grads(leaky_by_matrix)
+check("recurrence vs matrix: d/dx", recurrence[0], matrix[0], atol=1e-10)
+check("recurrence vs matrix: d/dlambda", recurrence[1], matrix[1], atol=1e-9)
 small = [mm.Tensor(rng.standard_normal((1, 2, 37, 3)), requires_grad=True),
          mm.Tensor(np.array([0.3, 0.8]), requires_grad=True)]
 expect("gradcheck leaky_average (x, lambda)", mm.gradcheck(memories.leaky_average, small, names=["x", "lambda"]))
 
+# %% [markdown]
+# The recurrence is the cheapest in arithmetic ($O(T d)$ against the matrix's $O(T^2 d)$), but it is $T$
+# small steps issued one by one from Python. Time both:
+
+# %%
 T_long = 256 if QUICK else 1024
 xl = mm.Tensor(rng.standard_normal((4, 4, T_long, 32)).astype(np.float32))
 dl = mm.Tensor(np.array([0.1, 0.5, 0.9, 0.99], np.float32))
-for op in (memories.leaky_average, memories.leaky_average_reference):
+for name, op in (("recurrence (the core)", memories.leaky_average), ("T x T matrix", leaky_by_matrix)):
     start = time.perf_counter()
     op(xl, dl)
-    print(f"{op.__name__:25s} T = {T_long}: {1e3 * (time.perf_counter() - start):7.1f} ms")
+    print(f"{name:26s} T = {T_long}: {1e3 * (time.perf_counter() - start):7.1f} ms")
+
+# %% [markdown]
+# The optional fast layer (`minimosaic.fast`, lesson 14) gets the best of both: a **chunked scan**, a
+# small $M$ inside chunks of 16 positions (one batched product) and the recurrence only across chunks,
+# tested to give the recurrence's values and gradients. This lesson stays on the plain core.
 
 # %% [markdown]
 # ## What a leaky key remembers
@@ -126,21 +152,38 @@ expect("gradcheck normalize", mm.gradcheck(memories.normalize, [z]))
 # ## Peek-ahead values
 #
 # The value stored at position $t$ is what came *next*, mixed with a bit of the present by a learned
-# $c_h \in [0, 1]$ per head:
+# $c_h$ per head (initialised in $[0, 1]$ and then free, as in the official code):
 #
 # $$v_t = (1 - c)\, \tilde v_{t+1} + c\, \tilde v_t, \qquad \tilde v_t = W_v x_t, \quad \tilde v_T = 0.$$
 #
-# The last position's value is incomplete: $x_T$ has not been read yet.
+# The last position's value is incomplete: $x_T$ has not been read yet. `memories.peek_ahead` does it in
+# one pass with a hand-written backward; written from ops it is `(1 - c) shift(v, -1) + c v` (`ops.shift`
+# by $-1$ peeks one step ahead, with a zero at the end), and both must give the same values and gradients.
 
 # %%
 vt_np = rng.standard_normal((B, H, T, hs))
-c_np = np.array([0.0, 0.3, 1.0])
+c_np = np.array([0.0, 0.3, 1.2])  # c is not clipped: 1.2 weighs the present more than 1
 vt, c = mm.Tensor(vt_np, requires_grad=True), mm.Tensor(c_np, requires_grad=True)
 by_hand = c_np[:, None, None] * vt_np
 by_hand[:, :, :-1] += (1 - c_np[:, None, None]) * vt_np[:, :, 1:]
 check("peek_ahead == (1-c) v[t+1] + c v[t] by hand", memories.peek_ahead(vt, c), by_hand, atol=1e-12)
-check("peek_ahead == reference from ops.shift", memories.peek_ahead(vt, c), memories.peek_ahead_reference(vt, c),
-      atol=1e-12)
+
+
+def peek_by_ops(v, c):
+    """(1 - c) v_{t+1} + c v_t from ops, so autograd gives its gradient."""
+    c = c.reshape(-1, 1, 1)                                                      # (H, 1, 1)
+    return (1 - c) * ops.shift(v, -1, axis=-2) + c * v
+
+
+g = np.random.default_rng(1).standard_normal((B, H, T, hs))  # weights of the loss sum(out * g)
+grads = []
+for op in (memories.peek_ahead, peek_by_ops):
+    vt.grad = c.grad = None
+    out = op(vt, c)
+    (out * g).sum().backward()
+    grads.append((out.numpy(), vt.grad.copy(), c.grad.copy()))
+for name, ours, by_ops in zip(["values", "d/dv", "d/dc"], *grads):
+    check(f"peek_ahead == (1-c) shift(v, -1) + c v: {name}", ours, by_ops, atol=1e-12)
 small = [mm.Tensor(rng.standard_normal((1, 2, 6, 3)), requires_grad=True),
          mm.Tensor(np.array([0.2, 0.7]), requires_grad=True)]
 expect("gradcheck peek_ahead (v, c)", mm.gradcheck(memories.peek_ahead, small, names=["v", "c"]))
@@ -202,3 +245,6 @@ expect("masking s = t: real structure is still found", learned > 0.85, f"{learne
 # 3. Write the leaky average of a (T,) signal with `np.convolve` and compare. What is the kernel?
 # 4. Show that $\partial \bar k_t / \partial \lambda = \sum_{s<t} (t-s) \lambda^{t-s-1} x_s$ and check it
 #    against the gradient that `leaky_average` returns for one position.
+# 5. `leaky_by_matrix` takes $\log\lambda$: what goes wrong at $\lambda = 0$, and how would you build $M$
+#    without it? Then read `chunked_scan` in `minimosaic/fast/ops.py`: which chunk size makes it the
+#    plain recurrence, and which the $T \times T$ matrix? Time a few sizes in between.

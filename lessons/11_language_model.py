@@ -92,17 +92,18 @@ for name, param in model.named_parameters():
 
 # %% [markdown]
 # `model(ids)` returns logits $(B, T, V)$, and `model.loss(ids, targets)` the mean cross-entropy.
-# At initialisation the loss is *above* the uniform guess $\ln V$: the embedding has entries of size 1,
-# so each token's own embedding dominates its logits and the untrained model confidently predicts
-# "the same character again". Training first unlearns that.
+# The first check of any language model: at initialisation the loss is about the uniform guess
+# $\ln V$. The embedding has entries of size 0.02 (as in the official code), so every logit
+# $\mathrm{LN}(x) \cdot E_v$ starts near 0 and the untrained model spreads its bets almost evenly.
+# (A loss far above $\ln V$ at step 0 means confident wrong guesses: an init bug to fix first.)
 
 # %%
 logits = model(x)
 print("logits", logits.shape)
 first_loss = model.loss(x, y).item()
-same_again = float((logits.numpy().argmax(axis=-1) == x).mean())
-print(f"initial loss {first_loss:.3f}, ln V = {math.log(tokenizer.vocab_size):.3f}; "
-      f"the untrained model predicts the current character again {100 * same_again:.0f}% of the time")
+print(f"initial loss {first_loss:.3f}, ln V = {math.log(tokenizer.vocab_size):.3f}")
+expect("the initial loss is about ln V", abs(first_loss - math.log(tokenizer.vocab_size)) < 0.15,
+       f"{first_loss:.3f} vs {math.log(tokenizer.vocab_size):.3f}")
 
 # %% [markdown]
 # ## Training
@@ -149,7 +150,7 @@ freq = np.bincount(train_ids, minlength=tokenizer.vocab_size) / len(train_ids)
 unigram = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
 print(f"validation loss {final_val:.3f} nats/char ({final_val / math.log(2):.2f} bits); "
       f"unigram entropy {unigram:.3f}; uniform ln V {math.log(tokenizer.vocab_size):.3f}")
-expect("the loss dropped", final_val < first_loss - 2, f"{first_loss:.3f} -> {final_val:.3f}")
+expect("the loss dropped", final_val < first_loss - 1.5, f"{first_loss:.3f} -> {final_val:.3f}")
 expect("it beats the unigram entropy", final_val < unigram - 0.3, f"{final_val:.3f} < {unigram:.3f} - 0.3")
 
 # %% [markdown]

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 import minimosaic as mm
-from minimosaic import memories, nn, ops, optim
+from minimosaic import fast, memories, nn, ops, optim, registry
 from minimosaic.models import ModelConfig, build_model
 from _check import QUICK, check, expect
 
@@ -171,7 +171,8 @@ if HAVE_GPU:
 # Only when there is enough work per operation. A GPU launch costs a few microseconds whatever its size,
 # and Python runs one op at a time, so tiny models are often *slower* on a GPU; larger widths and
 # batches win big. We time one training step of the same model on both devices (printed, not checked:
-# it depends on your machine). CuPy runs asynchronously, so we synchronise before reading the clock.
+# it depends on your machine), on the plain core; the fast layer below speeds up both. CuPy runs
+# asynchronously, so we synchronise before reading the clock.
 
 # %%
 def step_time(model, x, y, repeats, sync=lambda: None):
@@ -200,17 +201,118 @@ if HAVE_GPU:
           f"CPU {ms_cpu:.0f} ms, GPU {ms_gpu:.1f} ms ({ms_cpu / ms_gpu:.0f}x)")
 
 # %% [markdown]
-# ## Fewer, bigger launches: CUDA kernels of our own
+# ## The fast layer and how it is checked
 #
-# Profiling a training step on a GPU (`benchmarks/op_profile.py --device gpu`) shows where the plain
-# code loses: every CuPy call is a kernel launch plus some microseconds of Python, and every pass reads
-# and writes the whole array. Lesson 7's chunked leaky average runs a few launches per chunk of 16
-# positions; on a gpt2-small-sized model it took 116 ms of a 339 ms step. `minimosaic/cuda_kernels.py`
-# writes such hot spots as CUDA C++ that CuPy compiles at run time (`cupy.RawModule`): here the scan is
-# one thread per (batch, head, channel) walking the time axis, one launch for the whole array.
+# Everything so far, on either device, ran minimosaic's **core**: each op written as its maths, its
+# backward beside it. That is the code you read and the code the gradient checks test, but it is not
+# the fastest: the leaky average steps through time one position at a time, attention stores its whole
+# weight matrix, NumPy's elementwise passes use one CPU core, and on a GPU every small op is a launch.
+# Speed lives in one optional layer, the package `minimosaic/fast/`, which the core never imports:
+#
+# - a few core functions are marked `@replaceable` (`minimosaic/registry.py`). A call to one first tries
+#   the replacements registered under its name (`'memories.softmax_attention'`, ...), then runs the code
+#   as written, which stays reachable as `.plain`;
+# - `minimosaic.fast.enable()` registers the replacements that `fast/ops.py` lists in `REPLACEMENTS`;
+#   `fast.disable()` removes them, and `with fast.enabled():` turns the layer on for a block only (or off:
+#   `fast.enabled(False)`). The CLI and `train.train()` enable it unless asked for the plain core
+#   (`--plain`, `MINIMOSAIC_PLAIN=1`); `import minimosaic` does not;
+# - a replacement takes the same arguments and gives the same result. For inputs it does not handle
+#   (dropout, another device, a kernel switched off) it returns `NotImplemented`, and the plain function
+#   runs;
+# - `tests/test_fast.py` checks every replacement against its plain function on random inputs: the same
+#   values and the same gradients, in float64 (to about 1e-9 relative) and float32, on the CPU and on a
+#   GPU, and a test fails if an entry of `REPLACEMENTS` is not covered.
 
 # %%
-from minimosaic import cuda_kernels  # noqa: E402
+import importlib  # noqa: E402
+
+from minimosaic.fast import ops as fast_ops  # noqa: E402
+
+expect("import minimosaic registered nothing", not fast.is_enabled() and not registry.registered())
+for name, replacement in fast_ops.REPLACEMENTS.items():
+    module, function = name.split(".")
+    core = getattr(importlib.import_module(f"minimosaic.{module}"), function)
+    expect(f"{name} is @replaceable", getattr(core, "replaceable_name", None) == name and callable(core.plain),
+           f"replaced by fast.ops.{replacement.__name__}; .plain is the core's code")
+with fast.enabled():
+    expect("inside fast.enabled(): every replacement registered", fast.is_enabled(),
+           f"{len(registry.registered())} names")
+expect("after the block: the plain core again", not registry.registered())
+
+# %% [markdown]
+# On the CPU (this runs without a GPU) we do what the tests do, on one replacement: the context
+# memory's causal attention with the layer off and on, values and the three gradients in float64, then
+# a timing in float32. On the CPU the replacement works through tiles of query rows on all cores and
+# never stores the $(T, T)$ weights (lesson 6).
+
+# %%
+def attention_and_grads(q, k, v, g, mask):
+    for t in (q, k, v):
+        t.grad = None
+    out = memories.softmax_attention(q, k, v, mask=mask)
+    (out * g).sum().backward()
+    return [mm.asnumpy(a) for a in (out.data, q.grad, k.grad, v.grad)]
+
+
+rng = np.random.default_rng(7)
+shape = (2, 4, 64, 16) if QUICK else (8, 8, 256, 32)               # (B, H, T, hs)
+causal = memories.causal_mask(np, shape[2], 0, include_present=False)
+qkv = [mm.Tensor(rng.standard_normal(shape), requires_grad=True) for _ in range(3)]
+g = rng.standard_normal(shape)
+results = {}
+for on in (False, True):
+    with fast.enabled(on):
+        results[on] = attention_and_grads(*qkv, g, causal)
+for name, plain, swapped in zip(("values", "dq", "dk", "dv"), results[False], results[True]):
+    check(f"fast == plain softmax_attention (CPU): {name}", swapped, plain, atol=1e-10)
+
+qkv32 = [mm.Tensor(t.data.astype(np.float32), requires_grad=True) for t in qkv]
+ms = {}
+for on in (False, True):
+    with fast.enabled(on):
+        attention_and_grads(*qkv32, g.astype(np.float32), causal)  # warm up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            attention_and_grads(*qkv32, g.astype(np.float32), causal)
+            times.append(1e3 * (time.perf_counter() - start))
+        ms[on] = min(times)
+print(f"causal attention {shape} float32 on the CPU, forward + backward: plain {ms[False]:.1f} ms, "
+      f"fast layer {ms[True]:.1f} ms ({ms[False] / ms[True]:.1f}x)")
+
+# %% [markdown]
+# The same holds for a whole model: its loss and every parameter's gradient, with the layer off and on
+# (in float64, so that only rounding separates them).
+
+# %%
+config = ModelConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=64, block_size=64)
+ids = np.random.default_rng(8).integers(0, 64, (4, 65))
+losses, gradients = {}, {}
+for on in (False, True):
+    nn.manual_seed(0)
+    model = build_model(config).to(dtype=np.float64)
+    with fast.enabled(on):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+    losses[on], gradients[on] = loss.item(), {name: p.grad for name, p in model.named_parameters()}
+check("fast == plain: the model's loss", losses[True], losses[False], atol=1e-10)
+worst = max(float(np.abs(gradients[True][n] - gradients[False][n]).max()) for n in gradients[False])
+expect("fast == plain: every gradient of the model", worst < 1e-9, f"largest difference {worst:.2e}")
+
+# %% [markdown]
+# ## Fewer, bigger launches: CUDA kernels of our own
+#
+# Profiling a training step on a GPU (`benchmarks/op_profile.py --device gpu`, with `--plain` for the
+# core) shows where plain CuPy code loses: every CuPy call is a kernel launch plus some microseconds of
+# Python, and every pass reads and writes the whole array. The core's leaky average issues a few
+# launches per position; even lesson 7's chunked scan issues a few per chunk of 16 positions, and on a
+# gpt2-small-sized model it took 116 ms of a 339 ms step. `minimosaic/fast/cuda_kernels.py` writes such
+# hot spots as CUDA C++ that CuPy compiles at run time (`cupy.RawModule`), and the fast layer's GPU
+# replacements call them: here the scan is one thread per (batch, head, channel) walking the time
+# axis, one launch for the whole array.
+
+# %%
+from minimosaic.fast import cuda_kernels  # noqa: E402
 
 source = cuda_kernels._SOURCE
 start = source.index("// kbar_t = x_t")
@@ -218,25 +320,26 @@ print(source[start:source.index("// Backward of the scan")])
 expect("the scan kernel is there", "__global__ void leaky_scan" in source)
 
 # %% [markdown]
-# The plain NumPy/CuPy code stays the reference: `cuda_kernels.use_kernels([])` switches every kernel
-# off (so does the environment variable `MINIMOSAIC_CUDA_KERNELS=0`), and the tests compare both on
-# random inputs. On a GPU we can do the same here, values and gradients:
+# The core stays the reference. A kernel is checked through the replacement that calls it: the fast
+# layer on against the plain core, values and gradients (tests/test_fast.py and
+# tests/test_cuda_kernels.py, float32 and float64). `cuda_kernels.use_kernels([])` switches every kernel
+# off (so does the environment variable `MINIMOSAIC_CUDA_KERNELS=0`): the replacements then decline and
+# the plain core runs. On a GPU we can check the scan here:
 
 # %%
 if HAVE_GPU:
     rng = np.random.default_rng(4)
     k, decay = rng.standard_normal((2, 3, 37, 8)), rng.uniform(0.1, 0.9, 3)
     results = []
-    for kernels in ([], ["leaky_scan"]):
-        cuda_kernels.use_kernels(kernels)
-        k_gpu = mm.Tensor(k, device="gpu", requires_grad=True)
-        decay_gpu = mm.Tensor(decay, device="gpu", requires_grad=True)
-        memories.leaky_average(k_gpu, decay_gpu).sum().backward()
-        results.append([mm.asnumpy(t) for t in (memories.leaky_average(k_gpu, decay_gpu).data,
-                                                k_gpu.grad, decay_gpu.grad)])
-    cuda_kernels.use_kernels("all")
-    for name, plain, fast in zip(("values", "d/dk", "d/dlambda"), *results):
-        check(f"kernel == plain CuPy code: {name}", fast, plain, atol=1e-10)
+    for on in (False, True):  # the plain CuPy recurrence, then the fast layer's kernel
+        with fast.enabled(on):
+            k_gpu = mm.Tensor(k, device="gpu", requires_grad=True)
+            decay_gpu = mm.Tensor(decay, device="gpu", requires_grad=True)
+            kbar = memories.leaky_average(k_gpu, decay_gpu)
+            kbar.sum().backward()
+            results.append([mm.asnumpy(t) for t in (kbar.data, k_gpu.grad, decay_gpu.grad)])
+    for name, plain, by_kernel in zip(("values", "d/dk", "d/dlambda"), *results):
+        check(f"kernel == plain CuPy recurrence: {name}", by_kernel, plain, atol=1e-10)
 
 # %% [markdown]
 # ## No launches at all: replaying a CUDA graph
@@ -244,14 +347,19 @@ if HAVE_GPU:
 # Even with those kernels, a small model's step is ~1,500 launches issued one by one from Python, each
 # a few microseconds of host time for a few microseconds of GPU work: the GPU waits for Python. CUDA
 # can **record** the launches of one step (stream capture: nothing runs, every launch becomes a node
-# of a graph) and **replay** the graph with one call. `minimosaic/cuda_graph.py` does this for a
-# whole training step. A replay repeats the recorded launches exactly, with the same arguments and
-# the same memory addresses, so:
+# of a graph) and **replay** the graph with one call. `minimosaic/fast/cuda_graph.py` does this for a
+# whole training step, `train.training_step`, the one the trainer runs eagerly. A replay repeats the
+# recorded launches exactly, with the same arguments and the same memory addresses, so:
 #
 # - each step copies its batch into the same input arrays, and parameters and AdamW moments are
 #   updated in place;
-# - whatever changes between steps must be read from device memory: AdamW's learning rate and bias
-#   corrections live in a small device array that `AdamW.prepare(lr)` fills before each replay;
+# - whatever changes between steps must be read from device memory. AdamW's learning rate and bias
+#   corrections are numbers passed to its kernel, which a graph would keep forever. So while recording,
+#   the fast layer's `fast.ops.adamw_update` hands each parameter's update a row of a small device array
+#   to read them from; before each replay `optimizer.step(lr)` runs once more with a recorder in place
+#   that only collects each parameter's numbers (no kernel runs; the optimizer counts its step), and
+#   they are copied into that array. That is why recording needs the fast layer on
+#   (`cuda_graph.why_not_captured` gives the reason a run trains eagerly);
 # - nothing may wait for the GPU inside the step (`float(loss)` would), since nothing runs while recording.
 #
 # One surprise on the way: CuPy refuses to call cuBLAS while a stream is being recorded. So while
@@ -262,7 +370,8 @@ if HAVE_GPU:
 # it when no single strided batch can describe it. Here is a transposed view of a batch of matrices:
 
 # %%
-from minimosaic import cuda_graph  # noqa: E402
+from minimosaic.fast import cuda_graph  # noqa: E402
+from minimosaic.train import training_step  # noqa: E402
 
 keys = np.random.default_rng(5).standard_normal((2, 3, 5, 4))
 kt = keys.swapaxes(-1, -2)                                 # (2, 3, 4, 5): a view, columns contiguous
@@ -274,33 +383,42 @@ stored = np.lib.stride_tricks.as_strided(array, (6, 4, 5), (step * 8, 8, ld * 8)
 check("cuBLAS's reading of the view is the view", stored.reshape(2, 3, 4, 5), kt)
 
 # %% [markdown]
-# On a GPU, the recorded step and the eager step train the same model (tests/test_cuda_graph.py does
-# this in float64, to 1e-9); the replay just takes less time:
+# `cuda_graph.why_not_captured` says when a run must train eagerly. On a GPU with the fast layer on, the
+# recorded step, `GraphedTrainingStep(model, opt, grad_clip)(x, y, lr)`, and the eager one,
+# `training_step(model, opt, [(x, y)], lr, grad_clip)`, train the same model (tests/test_cuda_graph.py
+# does this in float64, to 1e-9); the replay just takes less time:
 
 # %%
+expect("a CPU run trains eagerly", cuda_graph.why_not_captured("cpu", 0.0, 1) is not None,
+       cuda_graph.why_not_captured("cpu", 0.0, 1))
+expect("so does the plain core on a GPU", cuda_graph.why_not_captured("gpu", 0.0, 1) is not None,
+       cuda_graph.why_not_captured("gpu", 0.0, 1))
 if HAVE_GPU:
     cp = mm.backend.array_module("gpu")
     config = ModelConfig(model="mosaic", vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=32,
                          pmem_size=64)
-    batch = np.random.default_rng(6).integers(0, 64, (8, 33))
+    batch = cp.asarray(np.random.default_rng(6).integers(0, 64, (8, 33)))
+    x, y = batch[:, :-1], batch[:, 1:]
     timings = {}
-    for graphed in (False, True):
-        nn.manual_seed(0)
-        model = build_model(config).to("gpu")
-        opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3)
-        replay = cuda_graph.GraphedTrainingStep(model, opt, grad_clip=1.0)  # eager, records, replays
-        times = []
-        for i in range(6):
-            cp.cuda.Device().synchronize()
-            start = time.perf_counter()
-            if graphed:
-                loss, _ = replay(batch[:, :-1], batch[:, 1:], 1e-3)
-            else:
-                opt.prepare(1e-3)
-                loss, _ = cuda_graph.training_step(model, opt, batch[:, :-1], batch[:, 1:], grad_clip=1.0)
-            cp.cuda.Device().synchronize()
-            times.append(time.perf_counter() - start)
-        timings[graphed] = (1000 * min(times[2:]), float(loss))
+    with fast.enabled():
+        reason = cuda_graph.why_not_captured("gpu", 0.0, 1)
+        expect("with the fast layer on, this run can be recorded", reason is None, str(reason))
+        for graphed in (False, True):
+            nn.manual_seed(0)
+            model = build_model(config).to("gpu")
+            opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-3)
+            replay = cuda_graph.GraphedTrainingStep(model, opt, grad_clip=1.0)  # eager, records, replays
+            times = []
+            for i in range(6):
+                cp.cuda.Device().synchronize()
+                start = time.perf_counter()
+                if graphed:
+                    loss, _ = replay(x, y, 1e-3)
+                else:
+                    loss, _ = training_step(model, opt, [(x, y)], 1e-3, grad_clip=1.0)
+                cp.cuda.Device().synchronize()
+                times.append(time.perf_counter() - start)
+            timings[graphed] = (1000 * min(times[2:]), float(loss))
     print(f"eager {timings[False][0]:.2f} ms/step, replayed {timings[True][0]:.2f} ms/step")
     check("the same loss after 6 steps", timings[True][1], timings[False][1], rtol=1e-3)
 
@@ -312,7 +430,12 @@ if HAVE_GPU:
 # 3. `ops.cross_entropy` keeps its count of counted rows as an array instead of calling `int(...)`. Why
 #    does that matter on a GPU? (Hint: what does converting a GPU value to a Python number force?)
 # 4. From the command line: `minimosaic train --device gpu --preset char-small`.
-# 5. Read `softmax_rows` in `minimosaic/cuda_kernels.py`: one block of 256 threads per row of scores.
+# 5. Read `softmax_rows` in `minimosaic/fast/cuda_kernels.py`: one block of 256 threads per row of scores.
 #    Which two reductions does it do, and why does `block_sum` need `__syncthreads()` twice?
 # 6. Why does a model with dropout train eagerly (`cuda_graph.why_not_captured`)? What would a replay
 #    do to the dropout masks, and what would you have to change to record dropout too?
+# 7. On the CPU, run `python benchmarks/op_profile.py --plain` and `python benchmarks/op_profile.py`
+#    (the fast layer). Which rows shrink most? Which replacement in `fast/ops.py` is responsible?
+# 8. Write a replacement of your own for `ops.gelu` (say, the tanh approximation), register it with
+#    `registry.register('ops.gelu', ...)`, and compare it with `ops.gelu.plain` as the tests do. How close
+#    is it, and which check in `tests/test_fast.py` would catch it?

@@ -79,7 +79,8 @@ def resolve_settings(preset="char-small", overrides=None):
             raise MinimosaicError(f"unknown bench setting {key!r}: use one of {', '.join(SETTINGS)}")
         settings[key] = value
     if settings.get("pmem_size") is None:
-        settings["pmem_size"] = int(3.5 * settings["n_embd"])
+        from .models import default_pmem_size
+        settings["pmem_size"] = default_pmem_size(settings["n_embd"])
     return settings
 
 
@@ -261,15 +262,20 @@ def _generation_lengths(s, gen_context):
 
 
 def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=True, gen_context=512,
-                 tf32=False, cuda_graph=True):
+                 tf32=False, cuda_graph=True, plain=False):
     """Time our model (built with models.build_model) under the bench protocol; a result dict.
-    On a GPU with cuda_graph, the step is replayed from a CUDA graph (cuda_graph.py) after one eager
-    step and the capture, both in the warm-up (which then has at least 2 steps), unless
-    cuda_graph.why_not_captured gives a reason (then it runs eagerly)."""
-    from . import models, nn, optim
-    from .cuda_graph import GraphedTrainingStep, training_step, why_not_captured
-    from .tensor import no_grad
 
+    The step is train.training_step without clipping (as the official code's step). With the fast layer
+    on (not plain) and on a GPU with cuda_graph, it is replayed from a CUDA graph (fast/cuda_graph.py)
+    after one eager step and the capture, both in the warm-up (which then has at least 2 steps), unless
+    why_not_captured gives a reason (then it runs eagerly). plain: the plain core, no fast layer."""
+    from . import fast, models, nn, optim
+    from .fast.cuda_graph import GraphedTrainingStep, why_not_captured
+    from .tensor import no_grad
+    from .train import training_step
+
+    if not plain:
+        fast.enable()
     xp = backend.array_module(device)
     if xp is not np:
         backend.set_tf32(tf32)
@@ -289,10 +295,9 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
 
     def step(i):  # forward, backward, AdamW: the official code's step (no clipping)
         if run_step is not None:
-            loss, _ = run_step(batches[i, 0], batches[i, 1])
+            loss, _ = run_step(batches[i, 0], batches[i, 1], 1e-4)
         else:
-            opt.prepare()
-            loss, _ = training_step(model, opt, batches[i, 0], batches[i, 1])
+            loss, _ = training_step(model, opt, [(batches[i, 0], batches[i, 1])], 1e-4)
         if i in (0, warmup + steps - 1):
             losses.append(float(loss.item()))
 
@@ -300,8 +305,8 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
         xp.get_default_memory_pool().free_all_blocks()
     times = time_steps(step, sync, steps, warmup)
     flops = train_step_flops(model_name, s)
-    label = f"{model_name} (minimosaic{', CUDA graph' if graphed else ''})"
-    result = dict(side="ours", model=model_name, label=label, cuda_graph=graphed,
+    label = f"{model_name} (minimosaic{', plain' if plain else ''}{', CUDA graph' if graphed else ''})"
+    result = dict(side="ours", model=model_name, label=label, cuda_graph=graphed, plain=plain,
                   params=int(model.num_parameters()), flops_per_step=flops,
                   loss_first=losses[0], loss_last=losses[-1],
                   **_summary(times, s["batch_size"] * s["block_size"], flops))
@@ -433,8 +438,6 @@ def _run_child(side, job, threads, workdir, index):
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
-    if side == "reference":  # the official code as its users run it: glibc's default malloc settings,
-        env["MINIMOSAIC_MALLOC"] = "default"  # not the ones importing minimosaic sets (keep_freed_memory)
     package_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "minimosaic.bench", str(spec_path)], env=env,
@@ -468,7 +471,7 @@ def _machine(device, threads):
 
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
-              threads=None, gen_context=512, tf32=False, cuda_graph=True, progress=None):
+              threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -476,6 +479,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     (default: what NumPy's BLAS uses, `blas_threads`) is given to both sides. Generation runs at
     batch 1 with a prompt of half of min(gen_context, block_size) tokens and as many new ones.
     On a GPU, `cuda_graph` replays our step from a CUDA graph (the official code runs eagerly).
+    `plain` times our plain core, without the fast layer (minimosaic.fast).
     `progress(line)` is called before each child starts. With `json_path` the result is also written
     there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
@@ -496,7 +500,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     threads = threads or blas_threads()
     common = dict(s=settings, device=device, steps=steps, warmup=warmup, generation=generation,
                   gen_context=gen_context, tf32=bool(tf32 and device == "gpu"))
-    jobs = [("ours", dict(model_name=name, cuda_graph=cuda_graph, **common)) for name in names]
+    jobs = [("ours", dict(model_name=name, cuda_graph=cuda_graph, plain=plain, **common)) for name in names]
     notes = []
     references = [(name, path) for name, path in (("mosaic", reference_file), ("gpt", reference_gpt_file))
                   if path]

@@ -75,6 +75,17 @@ def _preset_summary():
     return "\n\n".join(rows)
 
 
+_PLAIN_HELP = ("run the plain core (the maths as written), without the fast layer: slower, same results "
+               "to rounding; also MINIMOSAIC_PLAIN=1")
+
+
+def _use_fast_layer(plain):
+    """The fast layer on, unless --plain or MINIMOSAIC_PLAIN=1 asks for the plain core."""
+    from . import fast
+    if not (plain or fast.plain_requested()):
+        fast.enable()
+
+
 class ConsoleLogger(trainer.TrainLogger):
     """Training progress on the terminal: a rich progress bar on a TTY, plain lines otherwise."""
 
@@ -86,7 +97,7 @@ class ConsoleLogger(trainer.TrainLogger):
 
     def begin(self, info):
         m, t = info["model_config"], info["train_config"]
-        pmem = f" pmem_size {trainer.ModelConfig(**m).pmem_slots}" if m["model"] == "mosaic" else ""
+        pmem = f" pmem_size {trainer.ModelConfig(**m).pmem_size}" if m["model"] == "mosaic" else ""
         lines = [
             f"model    {m['model']}: n_layer {m['n_layer']} n_head {m['n_head']} n_embd {m['n_embd']} "
             f"block_size {m['block_size']}{pmem} dropout {m['dropout']} vocab {m['vocab_size']}"
@@ -96,7 +107,7 @@ class ConsoleLogger(trainer.TrainLogger):
             f"train    steps {t['steps']} | batch {t['batch_size']} x accum {t['grad_accum']} x block "
             f"{m['block_size']} = {info['tokens_per_step']:,} tokens/step | lr {t['lr']:g} -> "
             f"{t['min_lr']:g}, warmup {t['warmup']} | weight_decay {t['weight_decay']:g} grad_clip "
-            f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']}"
+            f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']} ({info['core']})"
             + (f", step {info['step_mode']}" if t["device"] == "gpu" else ""),
             f"out      {t['out']}"
             + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
@@ -134,11 +145,6 @@ class ConsoleLogger(trainer.TrainLogger):
 
     def end(self, result):
         self.close()
-
-
-def _default_out(model, level, data):
-    name = datasets.EMBEDDED if data is None else (data if data in datasets.DATASETS else Path(data).stem)
-    return str(Path("runs") / f"{model}-{level}-{name}")
 
 
 @app.command(help="Train a Memory Mosaic (or GPT) language model; checkpoints, log.jsonl and loss.png "
@@ -184,6 +190,7 @@ def train(
                              "checkpoint (0: no limit)", key="time_limit"),
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
+    plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
 ):
     overrides = dict(model=model and model.value, level=level and level.value, tokenizer=tokenizer,
                      vocab_size=vocab_size, data=data, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
@@ -193,29 +200,8 @@ def train(
                      eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device,
                      tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None,
                      time_limit=time_limit)
-    if resume:
-        if out is None:
-            out = Path(_default_out((model and model.value) or "mosaic", (level and level.value) or "char",
-                                    data))
-        meta = trainer.read_run_meta(out)
-        saved_model = {k: v for k, v in meta["model_config"].items() if k != "vocab_size"}
-        model_config, config = trainer.resolve_config(preset, dict(overrides, out=str(out)),
-                                                      base={**meta["train_config"], **saved_model})
-        model_config.vocab_size = meta["model_config"]["vocab_size"]
-        trainer.check_resume(meta, model_config, config, directory=out)  # before the data is loaded
-        saved_tokenizer = datasets.tokenizer_from_spec(meta["tokenizer"])
-    else:
-        preset = preset or trainer.DEFAULT_PRESET[(level and level.value) or "char"]
-        model_config, config = trainer.resolve_config(preset, overrides)
-        if config.level == "char" and (vocab_size is not None or tokenizer is not None):
-            raise MinimosaicError("--vocab-size and --tokenizer apply to --level token only: "
-                                  "drop them, or add --level token")
-        config.out = str(out) if out is not None else _default_out(model_config.model, config.level,
-                                                                   config.data)
-        model_config.validate()
-        trainer.prepare_out(config.out, resume=False)
-        saved_tokenizer = None
-    backend.array_module(config.device)  # fail now, not after the data is tokenized
+    overrides.update(out=out and str(out), plain=plain or None)
+    model_config, config, saved_tokenizer = trainer.resolve_run(preset, overrides, resume)
     corpus = trainer.prepare_data(config, data_dir, tokenizer=saved_tokenizer)
     model_config.vocab_size = corpus.tokenizer.vocab_size
     logger = ConsoleLogger()
@@ -270,6 +256,7 @@ def sample(
     num_samples: int = typer.Option(1, help="independent samples"),
     seed: int = typer.Option(1337, help="random seed (sample i uses seed + i)"),
     device: str = _DEVICE,
+    plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
     checkpoint: str = _CHECKPOINT,
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute the whole context at each token "
                                   "(slow; the reference the cache is checked against)"),
@@ -283,6 +270,7 @@ def sample(
         raise MinimosaicError(f"--top-k {top_k}: use a value >= 1, or leave it out to sample from all tokens")
     if max_new_tokens < 0 or num_samples < 1:
         raise MinimosaicError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    _use_fast_layer(plain)
     model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
     ids = _encode_prompt(tokenizer, prompt)
     for i in range(num_samples):
@@ -306,9 +294,11 @@ def evaluate(
     per_position: bool = typer.Option(False, "--per-position", help="write the loss at each position of the "
                                       "context window to per_position.png and .csv in the run folder"),
     device: str = _DEVICE,
+    plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
     checkpoint: str = _CHECKPOINT,
 ):
     """Validation loss and perplexity over the whole validation split (bits per character at char level)."""
+    _use_fast_layer(plain)
     model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
     config = trainer.TrainConfig(**meta["train_config"])
     if data is not None:
@@ -347,6 +337,7 @@ def explain(
     layer: list[int] = typer.Option(None, help="layers to show (repeat the option)", show_default="all"),
     heatmap: Path = typer.Option(None, help="also write the retrieval weights as a PNG heat map"),
     device: str = _DEVICE,
+    plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
     checkpoint: str = _CHECKPOINT,
 ):
     """For each position of a prompt: which past positions each context memory retrieved (per layer and
@@ -354,6 +345,7 @@ def explain(
     from rich.console import Console
     from rich.table import Table
 
+    _use_fast_layer(plain)
     model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
     ids = _encode_prompt(tokenizer, prompt, model.config.block_size)
     inspection = model.inspect(ids[None])  # per layer: context (1, H, T, T), persistent (1, H, T, P)
@@ -463,14 +455,17 @@ def bench(
                                        help="GPU: time our step eagerly, not replayed from a CUDA graph "
                                             "(the official code always runs eagerly)"),
     json_out: Path = typer.Option(None, "--json", help="also write the results as JSON here"),
+    plain: bool = typer.Option(False, "--plain", help="time our plain core, without the fast layer "
+                                                      "(also MINIMOSAIC_PLAIN=1)"),
 ):
-    from . import bench as benchmarks
+    from . import bench as benchmarks, fast
 
     result = benchmarks.run_bench(
         preset=preset, model=model, overrides=benchmarks.parse_overrides(override), device=device,
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
-        tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True))
+        tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True),
+        plain=plain or fast.plain_requested())
     typer.echo(benchmarks.format_table(result))
 
 

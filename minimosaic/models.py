@@ -2,20 +2,23 @@
 
 MemoryMosaic (no positional embedding: the memories see order through leaky keys and peek-ahead values)
 
-    x = E[ids]                                          token embedding only, std 1
+    x = E[ids]                                          token embedding only, std 0.02 (as the official code)
     x = x + ContextMemory(LN(x));  x = x + PersistentMemory(LN(x))         per block (pre-LN residual)
-    logits = LN_f(x) @ E^T / sqrt(d)                    tied output head, logits scaled by 1/sqrt(d)
+    logits = LN_f(x) @ E^T                              tied output head (as the official code)
+
+    At init each logit is LN_f(x) . E_v ~ N(0, 0.02^2 d): near 0, so the first loss is about ln V.
 
 GPT (nanoGPT-style pre-LN transformer, as the paper's baseline)
 
     x = E[ids] + P[positions]
-    x = x + W_o attention(LN(x));  x = x + W_out gelu(LN(x) W_in)          causal, 1/sqrt(hs), MLP 4d
+    x = x + W_o attention(LN(x));  x = x + W_out gelu(LN(x) W_in)          causal, 1/sqrt(hs), MLP 4d,
+                                                        exact (erf) GELU as torch.nn.GELU
     logits = LN_f(x) @ E^T                              tied head, standard (unscaled) logits
     init: N(0, 0.02^2) everywhere, N(0, (0.02 / sqrt(2 n_layer))^2) for W_o and W_out (GPT-2).
 
 Parameter budget: a GPT block holds 12 d^2 weights (attention 4 d^2, MLP 8 d^2). A mosaic block holds
 W_k, W_v, W_o (context, 3 d^2) + W_k, W_o (persistent, 2 d^2) + P_k, P_v (2 * pmem_size * d); the
-default pmem_size = int(3.5 d) makes that 7 d^2, so 12 d^2 too, and both models of the same d and
+default pmem_size = int(3.5 d) (`default_pmem_size`) makes that 7 d^2, so 12 d^2 too, and both models of the same d and
 depth have nearly the same size (the GPT also has block_size * d position weights).
 
 state_dict names (d = n_embd, H = n_head, hs = d / H, V = vocab_size, i = block index; memories.py
@@ -36,7 +39,11 @@ documents the memories' own parameters and their 10x-faster storage):
                 ln_f.weight (d,)
 Linear weights are (in, out): y = x @ W. With bias=True every Linear and LayerNorm also has `.bias`.
 
-Generation (`generate`) keeps a cache per block. Mosaic: the leaky key sums (O(d) per new token), the
+Dropout p (as the official code, in training only): on the embedding, on each residual branch, and on
+the attention weights of both memories and of the GPT's attention.
+
+Generation (`generate`) keeps a cache per block (`cache["blocks"][i]`, which the block gets as its
+`cache`). Mosaic: the leaky key sums (O(d) per new token), the
 stored keys, the completed values (v_{t-1} is finished when x_t arrives) and the last W_v x; each new
 token then costs O(t d) instead of a full pass over the sequence. The mosaic has no positions, so it
 never crops: the context memory keeps the whole text, also past block_size (beyond the lengths it was
@@ -55,11 +62,17 @@ from .memories import (ContextMemory, PersistentMemory, attention_weights, causa
 from .tensor import no_grad
 
 MODELS = ("mosaic", "gpt")
+PMEM_PER_EMBD = 3.5   # persistent slots per head per unit of n_embd: 7 d^2 slot weights, 12 d^2 per block
+
+
+def default_pmem_size(n_embd):
+    """int(3.5 n_embd): the persistent memory size that gives a mosaic block a GPT block's 12 d^2 weights."""
+    return int(PMEM_PER_EMBD * n_embd)
 
 
 @dataclass
 class ModelConfig:
-    """Everything that fixes a model's shape. pmem_size None means int(3.5 * n_embd) (see pmem_slots)."""
+    """Everything that fixes a model's shape. pmem_size None is filled in as default_pmem_size(n_embd)."""
     model: str = "mosaic"
     vocab_size: int = 256
     n_layer: int = 4
@@ -71,10 +84,9 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
 
-    @property
-    def pmem_slots(self):
-        """Persistent memory slots per head and bank: pmem_size, or int(3.5 n_embd) (12 d^2 per block)."""
-        return self.pmem_size if self.pmem_size is not None else int(3.5 * self.n_embd)
+    def __post_init__(self):
+        if self.pmem_size is None and isinstance(self.n_embd, int):
+            self.pmem_size = default_pmem_size(self.n_embd)
 
     def to_dict(self):
         return asdict(self)
@@ -94,8 +106,7 @@ class ModelConfig:
         """Raise MinimosaicError (one line: what is wrong, what to do) unless this config can work."""
         if self.model not in MODELS:
             raise MinimosaicError(f"unknown model {self.model!r}: use one of {', '.join(MODELS)}")
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pmem_count") + (
-                ("pmem_size",) if self.pmem_size is not None else ()):
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pmem_size", "pmem_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise MinimosaicError(f"{name} must be a positive integer, got {value!r}")
@@ -127,7 +138,7 @@ class LanguageModel(nn.Module):
         return ops.cross_entropy(self(ids), targets, ignore_index=-1)
 
     def new_cache(self):
-        """An empty generation cache: tokens seen so far and one state dict per block."""
+        """An empty generation cache: tokens seen so far and one cache dict per block."""
         return {"length": 0, "blocks": [{} for _ in self.blocks]}
 
     def _ids(self, ids, cache):
@@ -151,12 +162,10 @@ class LanguageModel(nn.Module):
             cache["length"] = past + ids.shape[1]
         return ids, past
 
-    def _logits(self, x, scale):
-        """LN_f(x) @ E^T (* scale): (B, T, C) -> (B, T, V), as one (B*T, C) GEMM."""
+    def _logits(self, x):
+        """LN_f(x) @ E^T: (B, T, C) -> (B, T, V), as one (B*T, C) GEMM."""
         B, T, C = x.shape
         h = self.ln_f(x).reshape(B * T, C)
-        if scale != 1.0:
-            h = h * scale
         return (h @ self.token_embedding.weight.T).reshape(B, T, -1)
 
     def generate(self, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, seed=None, use_cache=True):
@@ -208,18 +217,19 @@ class MosaicBlock(nn.Module):
     def __init__(self, config):
         d, H, bias = config.n_embd, config.n_head, config.bias
         self.ln_1 = nn.LayerNorm(d, bias=bias)
-        self.context = ContextMemory(d, H, config.n_layer, bias)
+        self.context = ContextMemory(d, H, config.n_layer, bias, config.dropout)
         self.ln_2 = nn.LayerNorm(d, bias=bias)
-        self.persistent = PersistentMemory(d, H, config.pmem_slots, config.pmem_count, config.n_layer, bias)
+        self.persistent = PersistentMemory(d, H, config.pmem_size, config.pmem_count, config.n_layer, bias,
+                                           config.dropout)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, state=None):
-        x = x + self.dropout(self.context(self.ln_1(x), _sub(state, "context")))
-        return x + self.dropout(self.persistent(self.ln_2(x), _sub(state, "persistent")))
+    def forward(self, x, cache=None):
+        x = x + self.dropout(self.context(self.ln_1(x), _sub(cache, "context")))
+        return x + self.dropout(self.persistent(self.ln_2(x), _sub(cache, "persistent")))
 
 
-def _sub(state, name):
-    return None if state is None else state.setdefault(name, {})
+def _sub(cache, name):
+    return None if cache is None else cache.setdefault(name, {})
 
 
 class MemoryMosaic(LanguageModel):
@@ -227,7 +237,7 @@ class MemoryMosaic(LanguageModel):
 
     def __init__(self, config):
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, std=1.0)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, std=0.02)
         self.blocks = [MosaicBlock(config) for _ in range(config.n_layer)]
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -238,7 +248,7 @@ class MemoryMosaic(LanguageModel):
         x = self.dropout(self.token_embedding(ids))                              # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache["blocks"][i])
-        return self._logits(x, 1 / math.sqrt(self.config.n_embd))
+        return self._logits(x)
 
     def inspect(self, ids):
         """Per block: dict(context=(B, H, T, T) weights over past positions, persistent=(B, H, T,
@@ -262,27 +272,28 @@ class MemoryMosaic(LanguageModel):
 class CausalSelfAttention(nn.Module):
     """y = W_o [softmax(q k^T / sqrt(hs), causal) v]_heads,  q, k, v = x W_q, x W_k, x W_v."""
 
-    def __init__(self, n_embd, n_head, n_layer, bias=False):
-        self.n_head = n_head
+    def __init__(self, n_embd, n_head, n_layer, bias=False, dropout=0.0):
+        self.n_head, self.dropout = n_head, dropout
         self.W_q, self.W_k, self.W_v = (nn.Linear(n_embd, n_embd, bias=bias, std=0.02) for _ in range(3))
         self.W_o = nn.Linear(n_embd, n_embd, bias=bias, std=0.02 / math.sqrt(2 * n_layer))
 
-    def _qkv(self, x, state=None):
+    def _qkv(self, x, cache=None):
         q, k, v = (split_heads(project(W, x), self.n_head) for W in (self.W_q, self.W_k, self.W_v))
         past = 0
-        if state is not None:
-            if "keys" in state:
-                past = state["keys"].shape[2]
-                k = ops.concatenate([state["keys"], k], axis=2)
-                v = ops.concatenate([state["values"], v], axis=2)
-            state["keys"], state["values"] = k.data, v.data
+        if cache is not None:
+            if "keys" in cache:
+                past = cache["keys"].shape[2]
+                k = ops.concatenate([cache["keys"], k], axis=2)
+                v = ops.concatenate([cache["values"], v], axis=2)
+            cache["keys"], cache["values"] = k.data, v.data
         return q, k, v, past
 
-    def forward(self, x, state=None):
+    def forward(self, x, cache=None):
         B, T, C = x.shape
-        q, k, v, past = self._qkv(x, state)
+        q, k, v, past = self._qkv(x, cache)
         mask = causal_mask(q.xp, T, past, include_present=True)
-        y = softmax_attention(q, k, v, mask=mask, scale=(C // self.n_head) ** -0.5)
+        y = softmax_attention(q, k, v, mask=mask, scale=(C // self.n_head) ** -0.5,
+                              dropout=self.dropout if self.training else 0.0)
         return self.W_o(merge_heads(y)).reshape(B, T, C)
 
     def kernel_weights(self, x):
@@ -309,13 +320,13 @@ class GPTBlock(nn.Module):
     def __init__(self, config):
         d, bias = config.n_embd, config.bias
         self.ln_1 = nn.LayerNorm(d, bias=bias)
-        self.attention = CausalSelfAttention(d, config.n_head, config.n_layer, bias)
+        self.attention = CausalSelfAttention(d, config.n_head, config.n_layer, bias, config.dropout)
         self.ln_2 = nn.LayerNorm(d, bias=bias)
         self.mlp = MLP(d, config.n_layer, bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, state=None):
-        x = x + self.dropout(self.attention(self.ln_1(x), state))
+    def forward(self, x, cache=None):
+        x = x + self.dropout(self.attention(self.ln_1(x), cache))
         return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
@@ -337,7 +348,7 @@ class GPT(LanguageModel):
         x = self.dropout(self._embed(ids, past))
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache["blocks"][i])
-        return self._logits(x, 1.0)
+        return self._logits(x)
 
     def _embed(self, ids, past):
         positions = self.token_embedding.weight.xp.arange(past, past + ids.shape[1])

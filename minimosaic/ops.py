@@ -4,10 +4,12 @@ Each op takes Tensors (or numbers), computes its output from the raw arrays, and
 a `backward(g)` that maps the output's gradient g to one gradient per input. The docstring carries the
 equation. `xp` (numpy or cupy) always comes from the arrays, so the same code runs on CPU and GPU.
 Gradients that come back in a broadcast shape are summed down by the engine (tensor.sum_to).
+Functions marked @replaceable may be swapped for a faster equivalent by minimosaic.fast (registry.py).
 """
 import math
 
-from . import backend, cuda_kernels
+from . import backend
+from .registry import replaceable
 from .tensor import Tensor, make_result
 
 
@@ -65,15 +67,16 @@ def power(a, p):
     return make_result(a.data ** p, (a,), lambda g: (g * p * a.data ** (p - 1),))
 
 
+@replaceable
 def matmul(a, b):
     """Z = A @ B over the last two axes, batch axes broadcast.   dA = G B^T,  dB = A^T G."""
     a, b = _pair(a, b)
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError("matmul needs at least 2-D operands; reshape vectors to (1, n) or (n, 1)")
 
-    def backward(g):  # backend.matmul is a @ b; on the CPU big products are split over the cores
-        return backend.matmul(g, b.data.swapaxes(-1, -2)), backend.matmul(a.data.swapaxes(-1, -2), g)
-    return make_result(backend.matmul(a.data, b.data), (a, b), backward)
+    def backward(g):
+        return g @ b.data.swapaxes(-1, -2), a.data.swapaxes(-1, -2) @ g
+    return make_result(a.data @ b.data, (a, b), backward)
 
 
 # ---------------------------------------------------------------- elementwise functions
@@ -123,49 +126,21 @@ def clip(a, low=None, high=None):
     return make_result(out, (a,), lambda g: (g * (out == a.data),))
 
 
+@replaceable
 def gelu(a):
-    """GELU, tanh approximation: z = x/2 (1 + tanh u),  u = sqrt(2/pi) (x + 0.044715 x^3).
+    """GELU (Hendrycks & Gimpel), exact: z = x Phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard
+    normal CDF (torch.nn.GELU's default, as in the official GPT).
 
-    dz/dx = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
-    Fast path (the MLP's largest elementwise op): the same formulas as in-place passes over
-    cache-sized row blocks on all cores (backend.map_blocks); `gelu_reference` is the plain version.
+    dz/dx = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi), the standard normal density.
     """
-    x, xp, c, k = a.data, a.xp, math.sqrt(2 / math.pi), 0.044715
-    t, out = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
-
-    def forward(t, out, x):                        # t = tanh u,  out = x (1 + t) / 2
-        xp.multiply(x, x, out=t)
-        t *= k
-        t += 1
-        t *= x
-        t *= c
-        xp.tanh(t, out=t)
-        xp.add(t, 1, out=out)
-        out *= x
-        out *= 0.5
-    backend.map_blocks(forward, t, out, x)
+    x, xp = a.data, a.xp
+    cdf = (1 + backend.erf(x * x.dtype.type(1 / math.sqrt(2)))) / 2
+    out = x * cdf
 
     def backward(g):
-        def derivative(dx, t, x, g):               # dx = g (1 + t + x c (1 + 3 k x^2) (1 - t^2)) / 2
-            xp.multiply(x, x, out=dx)
-            dx *= 3 * k
-            dx += 1
-            dx *= c
-            dx *= x
-            dx *= 1 - t * t
-            dx += t
-            dx += 1
-            dx *= 0.5
-            dx *= g
-        dx = xp.empty(x.shape, g.dtype)
-        backend.map_blocks(derivative, dx, t, x, g)
-        return (dx,)
+        density = xp.exp(-x * x / 2) * x.dtype.type(1 / math.sqrt(2 * math.pi))
+        return (g * (cdf + x * density),)
     return make_result(out, (a,), backward)
-
-
-def gelu_reference(a):
-    """gelu from primitive ops (autograd derives its gradient): x/2 (1 + tanh(c (x + 0.044715 x^3)))."""
-    return 0.5 * a * (1 + tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a * a * a)))
 
 
 def astype(a, dtype):
@@ -397,45 +372,26 @@ def cross_entropy(logits, targets, ignore_index=-1):
 
 
 # ---------------------------------------------------------------- layers as ops
+@replaceable
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """y = xhat * w + b,  xhat = (x - mean) / sqrt(var + eps), statistics over the last axis.
+    """y = xhat * w + b,  xhat = (x - mean) r,  r = 1 / sqrt(var + eps), statistics over the last axis.
 
-    With r = 1/sqrt(var + eps) and dxhat = g * w:
-    dx = r (dxhat - mean(dxhat) - xhat mean(dxhat * xhat)),  dw = sum g * xhat,  db = sum g.
-    Fast path: rows are independent, so both passes run over cache-sized row blocks on all cores
-    (backend.map_blocks); on a GPU, one CUDA block per row (cuda_kernels.layer_norm_rows). The plain
-    version is `layer_norm_reference`, the same formula from primitive ops.
+    With dxhat = g * w:   dx = r (dxhat - mean(dxhat) - xhat mean(dxhat * xhat)),  dw = g xhat,  db = g
+    (dw and db are summed over the leading axes by the engine).
     """
     xp, data = x.xp, x.data
-    w = None if weight is None else weight.data
-    fast_gpu = cuda_kernels.enabled("layer_norm", data)
-    if fast_gpu:
-        out, xhat, rstd = cuda_kernels.layer_norm_rows(data, w, None if bias is None else bias.data, eps)
-    else:
-        xhat, rstd = xp.empty(data.shape, data.dtype), xp.empty(data.shape[:-1] + (1,), data.dtype)
-
-        def normalize(xhat, rstd, x):
-            xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
-            xp.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps, out=rstd)
-            xp.divide(1, rstd, out=rstd)
-            xhat *= rstd
-        backend.map_blocks(normalize, xhat, rstd, data)
-        out = xhat if w is None else xhat * w
-        if bias is not None:
-            out = out + bias.data
+    centered = data - data.mean(axis=-1, keepdims=True)
+    rstd = 1 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)             # (..., 1)
+    xhat = centered * rstd
+    out = xhat if weight is None else xhat * weight.data
+    if bias is not None:
+        out = out + bias.data
     params = tuple(p for p in (weight, bias) if p is not None)
 
     def backward(g):
-        def input_grad(dx, g, xhat, rstd):
-            dxhat = g if w is None else g * w
-            xp.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
-            dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
-            dx *= rstd
-        if fast_gpu:
-            dx = cuda_kernels.layer_norm_backward_rows(g, w, xhat, rstd)
-        else:
-            dx = xp.empty(data.shape, g.dtype)
-            backend.map_blocks(input_grad, dx, g, xhat, rstd)
+        dxhat = g if weight is None else g * weight.data
+        dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                     - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
         grads = [dx]
         if weight is not None:
             grads.append(g * xhat)
@@ -443,14 +399,6 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
             grads.append(g)
         return tuple(grads)
     return make_result(out, (x,) + params, backward)
-
-
-def layer_norm_reference(x, weight=None, bias=None, eps=1e-5):
-    """layer_norm from primitive ops (autograd derives its gradient)."""
-    centered = x - mean(x, axis=-1, keepdims=True)
-    y = centered / sqrt(mean(centered * centered, axis=-1, keepdims=True) + eps)
-    y = y if weight is None else y * weight
-    return y if bias is None else y + bias
 
 
 def embedding(weight, ids):

@@ -10,10 +10,12 @@ at step t (t counts from 1):
 
 Weight decay goes to matrices only (`weight_decay_groups`): shrinking a gain, a bias or a per-head
 scalar towards zero has no regularising meaning, it only fights the parameter.
+Functions marked @replaceable may be swapped for a faster equivalent by minimosaic.fast (registry.py).
 """
 import math
 
-from . import backend, cuda_kernels
+from . import backend
+from .registry import replaceable
 
 
 def is_matrix(param):
@@ -51,69 +53,24 @@ class Optimizer:
 
 
 class AdamW(Optimizer):
-    """AdamW with bias correction and decoupled weight decay; `step(lr)` takes the scheduled rate.
-
-    A step is two parts: `prepare(lr)` counts the step and works out, per group, the three numbers that
-    change from step to step (keep = 1 - lr wd, step_size = lr / (1 - b1^t), vhat_scale =
-    1 / sqrt(1 - b2^t)); `update()` applies the formulas above to every parameter. On a GPU the three
-    numbers live in a small device array that `update` reads, so an update recorded once as a CUDA graph
-    (cuda_graph.py) replays with each step's rates, not the ones it was recorded with.
-    """
+    """AdamW with bias correction and decoupled weight decay; `step(lr)` takes the scheduled rate."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         super().__init__(_as_groups(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.m = [p.xp.zeros_like(p.data) for p in self.parameters()]
         self.v = [p.xp.zeros_like(p.data) for p in self.parameters()]
-        self.rates = None  # per group (keep, step_size, vhat_scale): floats, or rows of a device array
 
     def step(self, lr=None):
-        self.prepare(lr)
-        self.update()
-
-    def prepare(self, lr=None):
-        """Count the step and set this step's per-group rates (host arithmetic, one copy to a GPU)."""
+        """One update of every parameter that has a gradient (lr: this step's rate, else the group's)."""
         self.steps += 1
-        t = self.steps
-        rates = []
-        for group in self.param_groups:
-            rate = group["lr"] if lr is None else lr
-            b1, b2 = group["betas"]
-            rates.append((1 - rate * group["weight_decay"], rate / (1 - b1 ** t), 1 / math.sqrt(1 - b2 ** t)))
-        params = self.parameters()
-        if not params or backend.device_of(params[0].data) == "cpu":
-            self.rates = rates
-            return
-        xp = params[0].xp
-        if self.rates is None or isinstance(self.rates, list):
-            self.rates = xp.empty((len(rates), 3), dtype=params[0].dtype)
-        self.rates[...] = xp.asarray(rates, dtype=self.rates.dtype)  # in place: a graph reads this address
-
-    def update(self):
-        """p, m, v <- the AdamW update (module docstring) with the rates `prepare` set, in place."""
         i = 0
-        for group, rates in zip(self.param_groups, self.rates):
-            b1, b2 = group["betas"]
-            wd, eps = group["weight_decay"], group["eps"]
-            keep, step_size, vhat_scale = rates[0], rates[1], rates[2]
+        for group in self.param_groups:
             for p in group["params"]:
-                m, v, g = self.m[i], self.v[i], p.grad
+                m, v = self.m[i], self.v[i]
                 i += 1
-                if g is None:
-                    continue
-                if cuda_kernels.enabled("adamw", p.data):  # GPU: the lines below as one pass
-                    cuda_kernels.adamw_update(p.data, g, m, v, rates, b1, b2, eps)
-                    continue
-                xp = p.xp
-                if wd:
-                    p.data *= keep
-                m *= b1
-                m += (1 - b1) * g
-                v *= b2
-                v += (1 - b2) * (g * g)
-                denom = xp.sqrt(v)
-                denom *= vhat_scale
-                denom += eps
-                p.data -= step_size * (m / denom)
+                if p.grad is not None:
+                    adamw_update(p.data, p.grad, m, v, group["lr"] if lr is None else lr, group["betas"],
+                                 group["eps"], group["weight_decay"], self.steps)
 
     def state_dict(self):
         return {"steps": self.steps, "m": self.m, "v": self.v}
@@ -123,6 +80,20 @@ class AdamW(Optimizer):
         for mine, theirs in ((self.m, state["m"]), (self.v, state["v"])):
             for k, array in enumerate(theirs):
                 mine[k] = backend.to_device(array, backend.device_of(mine[k])).astype(mine[k].dtype, copy=True)
+
+
+@replaceable
+def adamw_update(p, g, m, v, lr, betas, eps, weight_decay, t):
+    """The AdamW update of one parameter array p (gradient g, moments m, v) at step t, in place."""
+    xp, (b1, b2) = backend.get_array_module(p), betas
+    if weight_decay:
+        p *= 1 - lr * weight_decay                                 # decoupled weight decay
+    m *= b1
+    m += (1 - b1) * g                                              # m = b1 m + (1 - b1) g
+    v *= b2
+    v += (1 - b2) * (g * g)                                        # v = b2 v + (1 - b2) g^2
+    denom = xp.sqrt(v) / math.sqrt(1 - b2 ** t) + eps              # sqrt(vhat) + eps
+    p -= (lr / (1 - b1 ** t)) * (m / denom)                        # lr mhat / (sqrt(vhat) + eps)
 
 
 class SGD(Optimizer):

@@ -8,12 +8,14 @@ topological order, and adds each contribution into the leaves' `.grad`.
 Every op lives in ops.py as a forward/backward pair; this file only knows how to walk the graph.
 Broadcasting is handled here, once: whatever shape an op's backward returns is summed down to the
 parent's shape by `sum_to`, so no op has to think about it.
+Functions marked @replaceable may be swapped for a faster equivalent by minimosaic.fast (registry.py).
 """
 import contextlib
 
 import numpy as np
 
 from . import backend
+from .registry import replaceable
 
 _grad_enabled = True
 
@@ -33,14 +35,18 @@ def is_grad_enabled():
     return _grad_enabled
 
 
+@replaceable
 def sum_to(grad, shape):
     """Sum `grad` down to `shape`, undoing NumPy broadcasting (the adjoint of broadcast_to)."""
     if grad.shape == tuple(shape):
         return grad
-    extra = grad.ndim - len(shape)
-    axes = tuple(range(extra)) + tuple(
-        extra + i for i, n in enumerate(shape) if n == 1 and grad.shape[extra + i] != 1)
-    return backend.sum_axes(grad, axes).reshape(shape)
+    return grad.sum(axis=broadcast_axes(grad.shape, shape), keepdims=True).reshape(shape)
+
+
+def broadcast_axes(big, shape):
+    """The axes of shape `big` that broadcasting `shape` to it added or stretched."""
+    extra = len(big) - len(shape)
+    return tuple(range(extra)) + tuple(extra + i for i, n in enumerate(shape) if n == 1 and big[extra + i] != 1)
 
 
 def _as_array(data, dtype=None):

@@ -1,6 +1,6 @@
 """The training loop: AdamW, warmup + cosine decay, clipping, accumulation, evaluation, checkpoints.
 
-One optimizer step (nanoGPT's loop, written out):
+One optimizer step (`training_step`, nanoGPT's loop written out; the bench and the CUDA graph run it too):
 
     for each of grad_accum micro-steps:  loss = model.loss(x, y) on a fresh batch;  (loss / accum).backward()
     grad_norm = clip_grad_norm(params, grad_clip)        # global L2 norm, then scaled down to grad_clip
@@ -15,9 +15,11 @@ resumed run logs the same losses, step for step, as one that never stopped.
 Nothing here prints: progress goes to a `logger` object (`TrainLogger` is the silent default; the CLI
 passes one that draws a progress bar), and one JSON line per log interval goes to `<out>/log.jsonl`.
 On a GPU the loss and grad norm stay device scalars between log intervals: reading one as a Python
-float waits for the GPU, so that happens once per interval, not once per step. And on a GPU, a run
-without dropout or accumulation records its step once as a CUDA graph and replays it (cuda_graph.py):
-the same arithmetic, without Python issuing each of the step's kernels again.
+float waits for the GPU, so that happens once per interval, not once per step.
+
+`train` runs with the fast layer (minimosaic.fast) on, unless config.plain: the same maths, faster. On a
+GPU, a run without dropout or accumulation then records its step once as a CUDA graph and replays it
+(fast/cuda_graph.py): the same arithmetic, without Python issuing each of the step's kernels again.
 """
 import contextlib
 import dataclasses
@@ -34,10 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, checkpoint, nn, optim
-from .data import (BatchSampler, build_tokenizer, check_split_lengths, encode_dataset, eval_batches,
-                   load_text, sequential_batches, tokenizer_from_spec)
+from .data import (DATASETS, EMBEDDED, BatchSampler, build_tokenizer, check_split_lengths, encode_dataset,
+                   eval_batches, load_text, sequential_batches, tokenizer_from_spec)
 from .checkpoint import checkpoint_path
-from .cuda_graph import GraphedTrainingStep, why_not_captured
 from .errors import MinimosaicError
 from .models import ModelConfig, build_model
 from .tensor import no_grad
@@ -70,7 +71,8 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "cpu"
     tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
-    cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (cuda_graph.py)
+    cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (fast/cuda_graph.py)
+    plain: bool = False              # run the plain core, without the fast layer (minimosaic.fast)
     time_limit: float = 0.0          # seconds of training after which the run stops (0: no limit)
     out: str = "runs/run"
 
@@ -90,6 +92,7 @@ class TrainConfig:
         if self.level not in ("char", "token"):
             raise MinimosaicError(f"unknown level {self.level!r}: use 'char' or 'token'")
         self.device = backend.normalize_device(self.device)
+        backend.array_module(self.device)  # a clear error now if the GPU is asked for and missing
         return self
 
 
@@ -146,6 +149,42 @@ class Data:
     text_sha256: str     # so a resumed run can tell that it is given the same text
 
 
+def default_out(model, level, data):
+    """runs/<model>-<level>-<data name>: where a run goes when --out is not given."""
+    name = EMBEDDED if data is None else (data if data in DATASETS else Path(data).stem)
+    return str(Path("runs") / f"{model}-{level}-{name}")
+
+
+def resolve_run(preset=None, overrides=None, resume=False):
+    """(ModelConfig, TrainConfig, saved tokenizer or None) for the run a user asks for, checked before
+    any data is loaded.
+
+    A new run: the preset (by default the level's) and the overrides; its `out` must not hold a run.
+    resume: the run saved in overrides['out'] (or the default folder), with the overrides it allows
+    (RESUME_MAY_CHANGE; anything else that differs from the checkpoint is an error) and its tokenizer.
+    The model's vocab_size comes from the tokenizer (`prepare_data`).
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    out = given.get("out") or default_out(given.get("model", "mosaic"), given.get("level", "char"),
+                                          given.get("data"))
+    if resume:
+        meta = read_run_meta(out)
+        saved_model = {k: v for k, v in meta["model_config"].items() if k != "vocab_size"}
+        model_config, config = resolve_config(preset, dict(given, out=out),
+                                              base={**meta["train_config"], **saved_model})
+        model_config.vocab_size = meta["model_config"]["vocab_size"]
+        check_resume(meta, model_config, config, directory=out)
+        return model_config, config, tokenizer_from_spec(meta["tokenizer"])
+    model_config, config = resolve_config(preset or DEFAULT_PRESET[given.get("level", "char")], given)
+    if config.level == "char" and ("vocab_size" in given or "tokenizer" in given):
+        raise MinimosaicError("--vocab-size and --tokenizer apply to --level token only: "
+                              "drop them, or add --level token")
+    config.out = given.get("out") or default_out(model_config.model, config.level, config.data)
+    model_config.validate()
+    prepare_out(config.out, resume=False)
+    return model_config, config, None
+
+
 def prepare_data(config, data_dir=None, tokenizer=None):
     """Load the text of `config.data`, build (or reuse) the tokenizer and encode both splits."""
     text, name = load_text(config.data, data_dir)
@@ -162,7 +201,8 @@ class TrainLogger:
 
     def begin(self, info):
         """Once before the first step. info: model_config, train_config (dicts), n_params, start_step,
-        dataset, train_tokens, val_tokens, tokens_per_step, step_mode ('CUDA graph' or 'eager (why)')."""
+        dataset, train_tokens, val_tokens, tokens_per_step, step_mode ('CUDA graph' or 'eager (why)'),
+        core ('fast layer' or 'plain core')."""
 
     def log(self, record):
         """One record per log interval: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s,
@@ -224,6 +264,25 @@ def loss_by_position(model, ids, block_size, batch_size, device, max_batches=Non
     return float(per_position.mean()), per_position
 
 
+def training_step(model, optimizer, batches, lr, grad_clip=None):
+    """One optimizer step: forward, loss, backward (summed over the micro-batches, each weighted
+    1 / len(batches)), clip the global gradient norm to grad_clip, AdamW at rate lr.
+
+    batches: [(x, y), ...] id arrays. grad_clip None skips the norm (it is then None); 0 measures it but
+    does not clip. Returns (mean loss, gradient norm before clipping) as device scalars (no host sync).
+    The gradients stay in the parameters until the next step clears them.
+    """
+    model.zero_grad()
+    loss_sum = 0.0
+    for x, y in batches:
+        loss = model.loss(x, y)
+        (loss * (1.0 / len(batches)) if len(batches) > 1 else loss).backward()
+        loss_sum = loss_sum + loss.data
+    norm = None if grad_clip is None else optim.clip_grad_norm(model.parameters(), grad_clip)
+    optimizer.step(lr)
+    return (loss_sum / len(batches) if len(batches) > 1 else loss_sum), norm
+
+
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -275,7 +334,7 @@ def read_run_meta(directory):
 
 # Settings a resumed run may change; anything else would make it a different run.
 RESUME_MAY_CHANGE = {"steps", "eval_interval", "eval_batches", "log_interval", "device", "out", "data",
-                     "tf32", "cuda_graph", "time_limit"}
+                     "tf32", "cuda_graph", "time_limit", "plain"}
 
 
 def _json_equal(a, b):
@@ -370,15 +429,24 @@ def train(model_config, config, data, resume=False, logger=None):
 
     resume: continue the run saved in `config.out` (latest.npz), which must have the same settings
     except those in RESUME_MAY_CHANGE. Without resume, `config.out` must not hold a run already.
+    The fast layer is on during the run unless config.plain; afterwards it is as it was.
     """
-    logger = logger or TrainLogger()
+    from . import fast
+
     config.validate()
+    with fast.enabled(not (config.plain or fast.plain_requested())):
+        return _train(model_config, config, data, resume, logger or TrainLogger())
+
+
+def _train(model_config, config, data, resume, logger):
+    from . import fast
+    from .fast.cuda_graph import GraphedTrainingStep, why_not_captured
+
     model_config.validate()
     if model_config.vocab_size != data.tokenizer.vocab_size:
         raise MinimosaicError(f"the model's vocab_size {model_config.vocab_size} differs from the "
                               f"tokenizer's {data.tokenizer.vocab_size}: set it from the tokenizer")
     device = config.device
-    backend.array_module(device)  # a clear error now if the GPU is asked for and missing
     if device == "gpu":
         backend.set_tf32(config.tf32)
     check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
@@ -424,6 +492,7 @@ def train(model_config, config, data, resume=False, logger=None):
     if why_eager is None:
         graphed = GraphedTrainingStep(model, optimizer, config.grad_clip)
     logger.begin(dict(step_mode="CUDA graph" if graphed else f"eager ({why_eager})",
+                      core="fast layer" if fast.is_enabled() else "plain core",
                       model_config=meta_common["model_config"], train_config=meta_common["train_config"],
                       n_params=meta_common["n_params"], start_step=step, dataset=data.name,
                       train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),
@@ -475,17 +544,9 @@ def train(model_config, config, data, resume=False, logger=None):
             if graphed is not None:
                 loss, grad_norm = graphed(*sampler.next_batch(), lr)
                 loss_mean, grad_norm = loss.copy(), grad_norm.copy()  # the next replay overwrites both
-            else:
-                loss_sum = 0.0
-                for _ in range(config.grad_accum):
-                    x, y = sampler.next_batch()  # host arrays: the ids are checked there, then copied over
-                    loss = model.loss(x, y)
-                    (loss * (1.0 / config.grad_accum) if config.grad_accum > 1 else loss).backward()
-                    loss_sum = loss_sum + loss.data
-                grad_norm = optim.clip_grad_norm(model.parameters(), config.grad_clip)
-                optimizer.step(lr)
-                model.zero_grad()
-                loss_mean = loss_sum / config.grad_accum
+            else:  # host batches: the ids are checked there, then copied over
+                batches = [sampler.next_batch() for _ in range(config.grad_accum)]
+                loss_mean, grad_norm = training_step(model, optimizer, batches, lr, config.grad_clip)
             step += 1
             pending.append((step, loss_mean, grad_norm, lr))
             out_of_time = bool(config.time_limit) and (

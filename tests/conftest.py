@@ -10,7 +10,7 @@ Tests import the helpers directly: `from conftest import DEVICES, rand_tensor`.
 import numpy as np
 import pytest
 
-from minimosaic import backend
+from minimosaic import backend, ops, registry
 from minimosaic.tensor import Tensor
 
 GPU_SKIP_REASON = "CuPy with a CUDA GPU not available"
@@ -18,6 +18,19 @@ HAVE_GPU = backend.gpu_available()
 
 gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason=GPU_SKIP_REASON)]
 DEVICES = ["cpu", pytest.param("gpu", marks=gpu_only, id="gpu")]
+
+
+@pytest.fixture(autouse=True)
+def plain_core():
+    """Every test starts on the plain core (a test, or the CLI it calls, may enable the fast layer), and
+    whatever it registered is gone afterwards."""
+    saved = registry.registered()
+    registry.clear()
+    yield
+    registry.clear()
+    for name, replacements in saved.items():
+        for replacement in replacements:
+            registry.register(name, replacement)
 
 
 @pytest.fixture(params=DEVICES)
@@ -72,3 +85,12 @@ def grads_of(fn, inputs, upstream):
     out = fn(*inputs)
     (out * Tensor(upstream)).sum().backward()
     return out.data, [t.grad for t in inputs]
+
+
+def leaky_average_as_matrix(x, decay):
+    """kbar = M x,  M[t, s] = lambda^(t - s) for s <= t (the official code's T x T way, O(T^2 d))."""
+    xp, T = x.xp, x.shape[2]
+    t = xp.arange(T, dtype=x.dtype)
+    lag = t[:, None] - t[None, :]
+    powers = ops.exp(ops.log(decay).reshape(-1, 1, 1) * xp.maximum(lag, 0))      # (H, T, T)
+    return (powers * (lag >= 0).astype(x.dtype)) @ x

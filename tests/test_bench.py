@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import GPU_SKIP_REASON, HAVE_GPU
+from conftest import GPU_SKIP_REASON, HAVE_GPU, leaky_average_as_matrix
 
 from minimosaic import bench, nn, ops
 from minimosaic.errors import MinimosaicError
@@ -30,12 +30,10 @@ def _build(model, sizes):
 def _counted_matmul_flops(monkeypatch, model, ids):
     """Run one forward with every matmul counted: 2 m k n per (m, k) @ (k, n), times the batch axes.
 
-    The fused ops multiply raw arrays, out of the counter's sight, so they are swapped for their plain
-    references, built from ops: the dense (T, T) leaky average and the composed masked attention.
+    The plain core's attention multiplies through ops.matmul; its leaky average is a recurrence (no
+    product), so it is swapped for the dense (T, T) matrix form that `dense=True` counts.
     """
-    monkeypatch.setattr(memories, "leaky_average", lambda x, decay: memories.leaky_average_reference(x, decay))
-    monkeypatch.setattr(memories, "softmax_attention", memories.softmax_attention_reference)
-    monkeypatch.setattr(models, "softmax_attention", memories.softmax_attention_reference)
+    monkeypatch.setattr(memories, "leaky_average", leaky_average_as_matrix)
     counted = []
     original = ops.matmul
 

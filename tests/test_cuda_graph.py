@@ -1,4 +1,4 @@
-"""The training step replayed from a CUDA graph (cuda_graph.py) against the eager step it records.
+"""The training step replayed from a CUDA graph (fast/cuda_graph.py) against the eager step it records.
 
 The GPU tests run with `pytest -m gpu` and skip without CuPy and a CUDA GPU; the rest run everywhere.
 The same comparison through `train()` (evaluations and checkpoints between replays) is in test_train.py.
@@ -6,11 +6,18 @@ The same comparison through `train()` (evaluations and checkpoints between repla
 import numpy as np
 import pytest
 
-from minimosaic import backend, cuda_kernels, models, nn, optim
-from minimosaic.cuda_graph import (OP_N, CaptureBlas, GraphedTrainingStep, gemm_operand, training_step,
-                                   why_not_captured)
+from minimosaic import backend, fast, models, nn, optim
+from minimosaic.fast import cuda_kernels
+from minimosaic.fast.cuda_graph import OP_N, CaptureBlas, GraphedTrainingStep, gemm_operand, why_not_captured
+from minimosaic.train import training_step
 
 on_gpu = pytest.mark.skipif(not backend.gpu_available(), reason="CuPy with a CUDA GPU not available")
+
+
+@pytest.fixture(autouse=True)
+def fast_layer():
+    with fast.enabled():
+        yield
 
 
 def test_only_a_gpu_run_without_dropout_or_accumulation_is_captured():
@@ -20,14 +27,16 @@ def test_only_a_gpu_run_without_dropout_or_accumulation_is_captured():
     assert "accumulation" in why_not_captured("gpu", 0.0, 2)
     before = cuda_kernels.active_kernels()
     try:
-        cuda_kernels.use_kernels("layer_norm")  # the plain scan's products would go to CuPy's cuBLAS
-        assert "scan" in why_not_captured("gpu", 0.0, 1)
+        cuda_kernels.use_kernels("layer_norm")  # without the AdamW kernel the rates would be baked in
+        assert "AdamW" in why_not_captured("gpu", 0.0, 1)
     finally:
         cuda_kernels.use_kernels(before)
+    with fast.enabled(False):
+        assert "plain" in why_not_captured("gpu", 0.0, 1)
 
 
 def test_training_step_is_the_loop_body(rng):
-    """training_step = forward, backward, clip, AdamW update: the same parameters as written out."""
+    """training_step = forward, backward, clip, AdamW step: the same parameters as written out."""
     config = models.ModelConfig(model="mosaic", vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=6,
                                 pmem_size=5)
     ids = rng.integers(0, 11, (2, 7))
@@ -36,17 +45,14 @@ def test_training_step_is_the_loop_body(rng):
         nn.manual_seed(0)
         model = models.build_model(config)
         opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-2)
-        opt.prepare(3e-3)
         if use_helper:
-            loss, norm = training_step(model, opt, ids[:, :-1], ids[:, 1:], grad_clip=0.5)
+            loss, norm = training_step(model, opt, [(ids[:, :-1], ids[:, 1:])], 3e-3, grad_clip=0.5)
         else:
             loss = model.loss(ids[:, :-1], ids[:, 1:])
             loss.backward()
             norm = optim.clip_grad_norm(model.parameters(), 0.5)
-            opt.update()
-            model.zero_grad()
+            opt.step(3e-3)
             loss = loss.data
-        assert all(p.grad is None for p in model.parameters())
         finals.append([float(loss), float(norm)] + [p.data for p in model.parameters()])
     for a, b in zip(*finals):
         np.testing.assert_array_equal(a, b)
@@ -133,8 +139,7 @@ def test_replayed_steps_match_eager_steps(model_name):
     graph_model, graph_opt = _model_and_optimizer(model_name, "gpu", np.float64)
     graphed = GraphedTrainingStep(graph_model, graph_opt, grad_clip=0.5)
     for step, (x, y) in enumerate(batches):
-        eager_opt.prepare(schedule(step))
-        eager_loss, eager_norm = training_step(eager_model, eager_opt, x, y, grad_clip=0.5)
+        eager_loss, eager_norm = training_step(eager_model, eager_opt, [(x, y)], schedule(step), grad_clip=0.5)
         graph_loss, graph_norm = graphed(x, y, schedule(step))  # host batches, copied in each step
         assert float(eager_norm) > 0.5  # clipping is active, so its scale is part of the replay
         np.testing.assert_allclose(float(graph_loss), float(eager_loss), rtol=1e-10)

@@ -1,7 +1,8 @@
-"""The CUDA kernels (minimosaic/cuda_kernels.py) against the plain code they replace.
+"""The CUDA kernels (minimosaic/fast/cuda_kernels.py) against the plain code they replace.
 
-Each GPU test runs the same op twice on the same fresh random inputs, once with its kernel switched off
-(the plain CuPy code, the reference) and once with it on, and compares values and gradients; in float64
+Each GPU test runs the same op twice on the same fresh random inputs, with the fast layer on: once with
+its kernel switched off (the replacement then declines and the plain core's CuPy code runs, or, for the
+attention, fast.ops's CuPy code) and once with it on, and compares values and gradients; in float64
 the two must agree to rounding, in float32 to well under 1e-4. Before each fast run the memory pool is
 filled with NaN, so an output element a kernel forgets to write shows up. The GPU tests skip cleanly
 without CuPy and a GPU; the switch itself is tested everywhere.
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import gpu_only, grads_of
-from minimosaic import backend, cuda_kernels, memories, models, nn, ops, optim
+from minimosaic import backend, fast, memories, models, nn, ops
+from minimosaic.fast import cuda_kernels
+from minimosaic.fast import ops as fast_ops
 from minimosaic.errors import MinimosaicError
 from minimosaic.tensor import Tensor
 
@@ -28,7 +31,8 @@ def on_gpu(test):
 @pytest.fixture(autouse=True)
 def restore_kernels():
     before = cuda_kernels.active_kernels()
-    yield
+    with fast.enabled():
+        yield
     cuda_kernels.use_kernels(before)
 
 
@@ -79,7 +83,7 @@ def _compare(kernel, fn, arrays, dtype, upstream_shape=None, rng=None):
 @on_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 37, 64])
-def test_leaky_scan_matches_the_chunked_scan(dtype, T):
+def test_leaky_scan_matches_the_plain_recurrence(dtype, T):
     rng = np.random.default_rng(T)
     x = rng.standard_normal((2, T, 3, 8))                     # (B, T, H, hs): the kernel reads it strided
     decay = rng.uniform(0.05, 0.99, 3)
@@ -103,10 +107,10 @@ def test_softmax_rows_matches_the_plain_softmax_terms(dtype, case):
         q, k, mask, scale = (3, 7, 8), (3, 300, 8), None, 1.3
     q, k = (cp.asarray(rng.standard_normal(s).astype(dtype)) for s in (q, k))
     cuda_kernels.use_kernels([])
-    e0, r0 = memories._softmax_terms(q, k, mask, scale)
+    e0, r0 = fast_ops._softmax_terms(q, k, mask, scale)
     cuda_kernels.use_kernels(["softmax_rows"])
     _poison_pool(cp)
-    e1, r1 = memories._softmax_terms(q, k, mask, scale)
+    e1, r1 = fast_ops._softmax_terms(q, k, mask, scale)
     tol = TOLERANCE[dtype]
     assert e1.shape == e0.shape and r1.shape == r0.shape
     np.testing.assert_allclose(backend.asnumpy(e1), backend.asnumpy(e0), rtol=tol, atol=tol)
@@ -159,28 +163,7 @@ def test_normalize_kernel_matches_the_plain_op(dtype, width, scaled):
         _compare("normalize", memories.normalize, [x], dtype, rng=rng)
 
 
-@on_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_kernel_matches_the_plain_update(dtype):
-    cp = backend.array_module("gpu")
-    rng = np.random.default_rng(3)
-    shapes = [(7, 5), (5,), (3, 4, 6)]
-    start = [rng.standard_normal(s) for s in shapes]
-    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
-    finals = []
-    for on in (False, True):
-        cuda_kernels.use_kernels(["adamw"] if on else [])
-        params = [nn.Parameter(cp.asarray(a.astype(dtype))) for a in start]
-        opt = optim.AdamW(optim.weight_decay_groups([(str(i), p) for i, p in enumerate(params)], 0.1),
-                          lr=0.01, betas=(0.9, 0.95))
-        for step_grads in grads:
-            for p, g in zip(params, step_grads):
-                p.grad = cp.asarray(g.astype(dtype))
-            opt.step(lr=0.02)
-        finals.append([backend.asnumpy(a) for a in [p.data for p in params] + opt.m + opt.v])
-    tol = TOLERANCE[dtype]
-    for fast, plain in zip(finals[1], finals[0]):
-        np.testing.assert_allclose(fast, plain, rtol=tol, atol=tol)
+# The AdamW kernel against optim.adamw_update: tests/test_fast.py::test_adamw_replacement_equals_the_plain_update
 
 
 @on_gpu
@@ -192,14 +175,14 @@ def test_a_training_step_with_all_kernels_matches_the_plain_step(model_name):
                                 block_size=12, pmem_size=20)
     ids = np.random.default_rng(4).integers(0, 23, (3, 13))
     results = []
-    for names in ([], "all"):
+    for names in ([], "all"):  # with no kernel, fast.ops uses its CuPy code or declines to the plain core
         cuda_kernels.use_kernels(names)
         nn.manual_seed(0)
         model = models.build_model(config).to("gpu")
         loss = model.loss(cp.asarray(ids[:, :-1]), cp.asarray(ids[:, 1:]))
         loss.backward()
         results.append((float(loss.item()), [backend.asnumpy(p.grad) for _, p in model.named_parameters()]))
-    (plain_loss, plain_grads), (fast_loss, fast_grads) = results
-    assert fast_loss == pytest.approx(plain_loss, rel=1e-5)
-    for fast, plain in zip(fast_grads, plain_grads):
-        np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=1e-4 * np.abs(plain).max())
+    (plain_loss, plain_grads), (kernel_loss, kernel_grads) = results
+    assert kernel_loss == pytest.approx(plain_loss, rel=1e-5)
+    for got, plain in zip(kernel_grads, plain_grads):
+        np.testing.assert_allclose(got, plain, rtol=1e-3, atol=1e-4 * np.abs(plain).max())

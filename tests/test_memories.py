@@ -1,13 +1,14 @@
-"""Memory Mosaics' memories: kernel smoothing, the fast ops against their references, the extractors and
-both memories (gradients in float64 on fresh random inputs, against finite differences)."""
+"""Memory Mosaics' memories: kernel smoothing, the hand-written ops against the same maths composed from
+primitive ops (whose gradients autograd derives), the extractors and both memories (gradients in float64
+on fresh random inputs, against finite differences)."""
 import math
 
 import numpy as np
 import pytest
-from conftest import grads_of, rand_tensor
+from conftest import grads_of, leaky_average_as_matrix, rand_tensor
 
 from minimosaic import memories as mm
-from minimosaic import nn
+from minimosaic import nn, ops
 from minimosaic.gradcheck import gradcheck
 from minimosaic.tensor import Tensor, no_grad
 
@@ -24,6 +25,22 @@ def assert_same_op(fast, reference, inputs, rng, atol=1e-10):
 
 def decay_tensor(rng, H):
     return Tensor(rng.uniform(0.05, 0.95, H), requires_grad=True)
+
+
+# The same maths composed from primitive ops (autograd derives their gradients).
+def attention_from_primitives(q, k, v, mask=None, scale=1.0):
+    """softmax(scale q k^T, mask) @ v with the scores and weights as separate ops."""
+    return ops.softmax((q @ ops.swapaxes(k, -1, -2)) * scale, axis=-1, mask=mask) @ v
+
+
+def peek_ahead_from_primitives(v, c):
+    c = c.reshape(-1, 1, 1)
+    return (1 - c) * ops.shift(v, -1, axis=-2) + c * v
+
+
+def normalize_from_primitives(x, scale=None, eps=mm.NORM_EPS):
+    u = x / (ops.sqrt((x * x).sum(axis=-1, keepdims=True)) + eps)
+    return u if scale is None else u * scale
 
 
 # ---------------------------------------------------------------- kernel smoothing
@@ -51,7 +68,7 @@ def test_with_unit_norm_keys_gaussian_kernel_equals_softmax_attention(rng):
     q, keys, values = unit(rng.standard_normal((2, 5, 4))), unit(rng.standard_normal((2, 7, 4))), rng.standard_normal((2, 7, 3))
     beta = 1.7  # |q - k|^2 = 2 - 2 q.k  ->  softmax(2 beta q.k)
     gaussian = mm.kernel_smoothing(Tensor(q), Tensor(keys), Tensor(values), beta).data
-    for attention in (mm.softmax_attention, mm.softmax_attention_reference):
+    for attention in (mm.softmax_attention, attention_from_primitives):
         np.testing.assert_allclose(attention(Tensor(q), Tensor(keys), Tensor(values), scale=2 * beta).data,
                                    gaussian, rtol=1e-10, atol=1e-12)
 
@@ -64,11 +81,10 @@ def test_kernel_smoothing_gradcheck(rng):
 
 
 # ---------------------------------------------------------------- leaky average
-@pytest.mark.parametrize("T, chunk", [(1, 16), (7, 1), (7, 3), (9, 4), (16, 16), (40, 16)])
-def test_leaky_average_equals_the_t_by_t_reference(rng, T, chunk):
+@pytest.mark.parametrize("T", [1, 2, 7, 40])
+def test_leaky_average_equals_the_t_by_t_matrix(rng, T):
     x, decay = rand_tensor((2, 3, T, 4), rng=rng), decay_tensor(rng, 3)
-    fast = lambda x, d: mm.leaky_average(x, d, chunk=chunk)
-    assert_same_op(fast, mm.leaky_average_reference, [x, decay], rng)
+    assert_same_op(mm.leaky_average, leaky_average_as_matrix, [x, decay], rng)
 
 
 def test_leaky_average_is_the_recurrence(rng):
@@ -80,17 +96,12 @@ def test_leaky_average_is_the_recurrence(rng):
     np.testing.assert_allclose(mm.leaky_average(Tensor(x), Tensor(lam)).data, expected, rtol=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 16])
-def test_leaky_average_gradcheck(rng, chunk):
-    gradcheck(lambda x, d: mm.leaky_average(x, d, chunk=chunk),
-              [rand_tensor((2, 2, 7, 3), rng=rng), decay_tensor(rng, 2)], names=["x", "decay"])
+def test_leaky_average_gradcheck(rng):
+    gradcheck(mm.leaky_average, [rand_tensor((2, 2, 7, 3), rng=rng), decay_tensor(rng, 2)], names=["x", "decay"])
+    gradcheck(leaky_average_as_matrix, [rand_tensor((1, 2, 5, 3), rng=rng), decay_tensor(rng, 2)])
 
 
-def test_leaky_average_reference_gradcheck(rng):
-    gradcheck(mm.leaky_average_reference, [rand_tensor((1, 2, 5, 3), rng=rng), decay_tensor(rng, 2)])
-
-
-# ---------------------------------------------------------------- fused softmax attention
+# ---------------------------------------------------------------- softmax attention
 ATTENTION_CASES = {  # name: (q shape, k shape, v shape, mask, scale, q is k)
     "context K K^T, strict mask": ((2, 3, 6, 4), None, (2, 3, 6, 5), np.tri(6, 6, -1, dtype=bool), 1.0, True),
     "causal with scale": ((2, 3, 6, 4), (2, 3, 6, 4), (2, 3, 6, 5), np.tri(6, 6, 0, dtype=bool), 0.5, False),
@@ -101,22 +112,22 @@ ATTENTION_CASES = {  # name: (q shape, k shape, v shape, mask, scale, q is k)
 
 
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
-def test_fused_attention_equals_reference(rng, case):
+def test_attention_equals_primitives_and_gradcheck(rng, case):
     q_shape, k_shape, v_shape, mask, scale, same = ATTENTION_CASES[case]
     q, v = rand_tensor(q_shape, rng=rng), rand_tensor(v_shape, rng=rng)
     if same:
         inputs = [q, v]
         fast = lambda q, v: mm.softmax_attention(q, q, v, mask, scale)
-        ref = lambda q, v: mm.softmax_attention_reference(q, q, v, mask, scale)
+        ref = lambda q, v: attention_from_primitives(q, q, v, mask, scale)
     else:
         inputs = [q, rand_tensor(k_shape, rng=rng), v]
         fast = lambda q, k, v: mm.softmax_attention(q, k, v, mask, scale)
-        ref = lambda q, k, v: mm.softmax_attention_reference(q, k, v, mask, scale)
+        ref = lambda q, k, v: attention_from_primitives(q, k, v, mask, scale)
     assert_same_op(fast, ref, inputs, rng)
     gradcheck(fast, inputs)
 
 
-def test_fused_attention_fully_masked_row_is_zero_and_rows_sum_to_one(rng):
+def test_attention_fully_masked_row_is_zero_and_rows_sum_to_one(rng):
     k, v = rand_tensor((2, 2, 5, 3), rng=rng), rand_tensor((2, 2, 5, 3), rng=rng)
     mask = np.tri(5, 5, -1, dtype=bool)
     y = mm.softmax_attention(k, k, v, mask)
@@ -126,7 +137,7 @@ def test_fused_attention_fully_masked_row_is_zero_and_rows_sum_to_one(rng):
     assert np.all(w[..., ~mask] == 0)
 
 
-def test_fused_attention_keeps_float32(rng):
+def test_attention_keeps_float32(rng):
     q = rand_tensor((2, 4, 3), rng=rng, dtype=np.float32)
     k = rand_tensor((2, 4, 3), rng=rng, dtype=np.float32)
     v = rand_tensor((2, 4, 3), rng=rng, dtype=np.float32)
@@ -136,24 +147,24 @@ def test_fused_attention_keeps_float32(rng):
 
 
 # ---------------------------------------------------------------- peek ahead, normalize
-def test_peek_ahead_equals_reference_and_gradcheck(rng):
-    v, c = rand_tensor((2, 3, 5, 4), rng=rng), Tensor(rng.uniform(0.1, 0.9, 3), requires_grad=True)
-    assert_same_op(mm.peek_ahead, mm.peek_ahead_reference, [v, c], rng)
+def test_peek_ahead_equals_primitives_and_gradcheck(rng):
+    v, c = rand_tensor((2, 3, 5, 4), rng=rng), Tensor(rng.uniform(-0.5, 1.5, 3), requires_grad=True)  # free c
+    assert_same_op(mm.peek_ahead, peek_ahead_from_primitives, [v, c], rng)
     gradcheck(mm.peek_ahead, [v, c])
     out = mm.peek_ahead(v, c).data  # v_last peeks at zeros
     np.testing.assert_allclose(out[:, :, -1], c.data[None, :, None] * v.data[:, :, -1], rtol=1e-12)
 
 
-def test_normalize_equals_reference_and_gradcheck(rng):
+def test_normalize_equals_primitives_and_gradcheck(rng):
     x = rand_tensor((3, 4, 5), rng=rng)
-    assert_same_op(mm.normalize, mm.normalize_reference, [x], rng)
+    assert_same_op(mm.normalize, normalize_from_primitives, [x], rng)
     gradcheck(mm.normalize, [x])
     np.testing.assert_allclose(np.linalg.norm(mm.normalize(x).data, axis=-1), 1, rtol=1e-9)
 
 
-def test_normalize_with_a_per_head_scale_equals_reference_and_gradcheck(rng):
+def test_normalize_with_a_per_head_scale_equals_primitives_and_gradcheck(rng):
     x, scale = rand_tensor((2, 3, 4, 5), rng=rng), rand_tensor((3, 1, 1), rng=rng, domain="positive")
-    assert_same_op(mm.normalize, mm.normalize_reference, [x, scale], rng)
+    assert_same_op(mm.normalize, normalize_from_primitives, [x, scale], rng)
     gradcheck(mm.normalize, [x, scale])
     np.testing.assert_allclose(np.linalg.norm(mm.normalize(x, scale).data, axis=-1),
                                np.broadcast_to(scale.data[:, :, 0], (2, 3, 4)), rtol=1e-9)
@@ -161,12 +172,12 @@ def test_normalize_with_a_per_head_scale_equals_reference_and_gradcheck(rng):
 
 def test_per_head_scalars_equal_their_op_chains_and_gradcheck(rng):
     rate = Tensor(rng.choice([-1.0, 1.0], 4) * rng.uniform(0.02, 0.5, 4), requires_grad=True)
-    assert_same_op(mm.head_decay, mm.head_decay_reference, [rate], rng)
+    assert_same_op(mm.head_decay, lambda r: ops.exp(-ops.abs(r * mm.FAST)), [rate], rng)
     gradcheck(mm.head_decay, [rate])
     log_scale = Tensor(np.array([-0.3, 0.1, 0.25, 0.9]), requires_grad=True)  # the last one is clipped
     for max_log in (None, 5.0):
-        assert_same_op(lambda l: mm.head_scale(l, 7.0, max_log), lambda l: mm.head_scale_reference(l, 7.0, max_log),
-                       [log_scale], rng)
+        assert_same_op(lambda l: mm.head_scale(l, 7.0, max_log),
+                       lambda l: ops.exp(ops.clip(l * 7.0, None, max_log)).reshape(-1, 1, 1), [log_scale], rng)
         gradcheck(lambda l: mm.head_scale(l, 7.0, max_log), [log_scale])
 
 
@@ -239,16 +250,16 @@ def test_persistent_memory_gradcheck_with_two_banks(rng):
     check_module(pmem, rand_tensor((2, 4, 8), rng=rng))
 
 
-def test_memories_continue_from_a_state_exactly(rng):
-    """Feeding a sequence in pieces with a state gives what one pass over it gives."""
+def test_memories_continue_from_a_cache_exactly(rng):
+    """Feeding a sequence in pieces with a cache gives what one pass over it gives."""
     nn.manual_seed(6)
     x = Tensor(rng.standard_normal((2, 9, 8)))
     for memory in (float64(mm.ContextMemory(8, 2)), float64(mm.PersistentMemory(8, 2, pmem_size=5))):
         full = memory(x).data
-        state, pieces = {}, []
+        cache, pieces = {}, []
         for a, b in ((0, 4), (4, 5), (5, 9)):
             with no_grad():
-                pieces.append(memory(x[:, a:b], state).data)
+                pieces.append(memory(x[:, a:b], cache).data)
         np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-10, atol=1e-12)
 
 
@@ -270,3 +281,30 @@ def test_per_head_scalars_are_stored_divided_by_fast():
     np.testing.assert_allclose(mm.FAST * ctx.value.log_scale.data, -0.5, rtol=1e-6)
     np.testing.assert_allclose(mm.FAST * pmem.log_scale.data, -0.5, rtol=1e-6)
     assert np.all((ctx.value.peek.data >= 0) & (ctx.value.peek.data <= 1))
+
+
+def test_peek_is_free_and_keeps_its_gradient_outside_0_1(rng):
+    """As in the official code, c is used as it is: a value pushed past 0 or 1 still learns."""
+    nn.manual_seed(8)
+    value = float64(mm.ValueExtractor(8, 2))
+    value.peek.data[:] = [-0.4, 1.3]
+    x = rand_tensor((2, 5, 8), rng=rng)
+    (value(x) ** 2).sum().backward()
+    assert np.all(np.abs(value.peek.grad) > 0)
+    gradcheck(lambda c: value(x.detach()), [value.peek])
+
+
+@pytest.mark.parametrize("memory", ["context", "persistent"])
+def test_memories_drop_attention_weights_only_while_training(rng, memory):
+    """dropout p drops attention weights (as torch's scaled_dot_product_attention in the official code)."""
+    nn.manual_seed(9)
+    make = (lambda p: mm.ContextMemory(8, 2, dropout=p)) if memory == "context" else (
+        lambda p: mm.PersistentMemory(8, 2, pmem_size=5, dropout=p))
+    x = rand_tensor((2, 6, 8), rng=rng)
+    nn.manual_seed(9)
+    with_dropout = float64(make(0.5))
+    nn.manual_seed(9)
+    without = float64(make(0.0))
+    assert not np.allclose(with_dropout(x).data, without(x).data)
+    with_dropout.eval()
+    np.testing.assert_allclose(with_dropout(x).data, without(x).data, rtol=1e-12)

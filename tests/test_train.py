@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from minimosaic import backend, checkpoint, cuda_graph, train as trainer
+from minimosaic import backend, checkpoint, train as trainer
+from minimosaic.fast import cuda_graph
 from minimosaic.data import eval_batches, generate_stories
 from minimosaic.errors import MinimosaicError
 
@@ -329,3 +330,22 @@ def test_dropout_runs_eagerly_and_says_so(text_file, tmp_path):
     assert recorder.mode.startswith("eager") and "dropout" in recorder.mode
     model_config, config = configs(text_file, tmp_path / "x", device="gpu")
     assert config.cuda_graph and cuda_graph.why_not_captured(config.device, model_config.dropout, config.grad_accum) is None
+
+
+def test_train_runs_on_the_fast_layer_unless_plain_and_restores_it(text_file, tmp_path):
+    """train() turns the fast layer on for the run (config.plain: the plain core), and leaves it as it
+    found it. Both give the same losses, to float32 rounding."""
+    from minimosaic import fast
+
+    class Recorder(trainer.TrainLogger):
+        def begin(self, info):
+            self.core, self.fast_on = info["core"], fast.is_enabled()
+
+    results = {}
+    for plain in (False, True):
+        recorder = Recorder()
+        run(text_file, tmp_path / f"plain{plain}", logger=recorder, steps=6, eval_interval=3, plain=plain)
+        assert recorder.core == ("plain core" if plain else "fast layer") and recorder.fast_on == (not plain)
+        assert not fast.is_enabled()
+        results[plain] = [loss for _, loss, _ in losses(tmp_path / f"plain{plain}")]
+    np.testing.assert_allclose(results[False], results[True], rtol=2e-3)

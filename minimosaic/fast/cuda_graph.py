@@ -9,18 +9,19 @@ no Python and no launch gap between kernels. What a replay needs, and how this m
   copies its batch into the same two input arrays, the parameters and AdamW moments are updated in
   place, and the gradients, loss and gradient norm land in the same arrays every replay.
 - nothing baked in that changes between steps. Numbers passed to kernels are recorded with them, so
-  the learning rate and AdamW's bias corrections are read from a device array instead
-  (optim.AdamW.prepare writes it before each replay); dropout would replay one mask forever, so a
-  model with dropout is not captured.
+  AdamW's learning rate and bias corrections are read from a device array instead: while recording,
+  fast.ops.adamw_update hands each parameter's update a row of it; before each replay the optimizer's
+  own step() runs once more with `rates_recorder` collecting the numbers (no kernel runs), and they are
+  copied into that array. Dropout would replay one mask forever, so a model with dropout is not recorded.
 - memory nobody else takes. The arrays the step allocates come from a memory pool of its own that
   nothing else allocates from, so later code cannot be given memory that a replay writes to.
 - no host syncs inside the step (no .item(), no int() of a device value): during capture nothing runs.
 - matrix products that can be recorded. cuBLAS supports capture, but CuPy refuses to call it while a
-  stream is capturing, so while recording, `backend.matmul` goes to a cuBLAS handle of this module's
+  stream is capturing, so while recording, fast.ops.product goes to a cuBLAS handle of this module's
   own, called through ctypes (`CaptureBlas`): one strided-batched GEMM per product.
 
-The eager step (`training_step`) is the reference: tests/test_cuda_graph.py checks that replays give the
-same parameters, loss and norm as running it step by step.
+The step is train.training_step, the one the trainer runs eagerly: tests/test_cuda_graph.py checks that
+replays give the same parameters, loss and norm as running it step by step.
 """
 import contextlib
 import ctypes
@@ -29,20 +30,10 @@ import os
 
 import numpy as np  # shapes only: the arrays here are CuPy's
 
-from . import backend, cuda_kernels, optim
-from .errors import MinimosaicError
-
-
-def training_step(model, optimizer, x, y, grad_clip=None):
-    """One step, eagerly: loss, backward, clip to grad_clip, AdamW update with the rates that
-    `optimizer.prepare` set. grad_clip None skips the norm (it is then None); 0 measures it but does not
-    clip. Returns the loss and the gradient norm before clipping, as device arrays."""
-    loss = model.loss(x, y)
-    loss.backward()
-    norm = None if grad_clip is None else optim.clip_grad_norm(model.parameters(), grad_clip)
-    optimizer.update()
-    model.zero_grad()
-    return loss.data, norm
+from .. import backend, registry
+from ..errors import MinimosaicError
+from . import cuda_kernels
+from . import ops as fast_ops
 
 
 def why_not_captured(device, dropout, grad_accum):
@@ -53,13 +44,15 @@ def why_not_captured(device, dropout, grad_accum):
         return "dropout would replay the same mask every step"
     if grad_accum != 1:
         return "gradient accumulation runs several forward passes per step"
-    if "leaky_scan" not in cuda_kernels.active_kernels():
-        return "the plain leaky-average scan multiplies with CuPy's cuBLAS calls, which cannot be recorded"
+    if "optim.adamw_update" not in registry.registered():
+        return "the fast layer is off (--plain)"
+    if "adamw" not in cuda_kernels.active_kernels():
+        return "without the AdamW kernel the learning rate would be recorded once"
     return None
 
 
 class GraphedTrainingStep:
-    """`step(x, y, lr)` -> (loss, grad_norm): `training_step`, run eagerly on the first call (so every
+    """`step(x, y, lr)` -> (loss, grad_norm): train.training_step, run eagerly on the first call (so every
     kernel is compiled and every library handle made), recorded on the second, replayed from then on.
 
     x, y: one batch (host or device arrays of the same shape every call). The returned arrays are
@@ -72,39 +65,67 @@ class GraphedTrainingStep:
         self.calls, self.graph, self.pool = 0, None, None
 
     def __call__(self, x, y, lr=None):
+        from ..train import training_step
         cupy = backend.array_module("gpu")
-        self.optimizer.prepare(lr)  # on the current stream, before the replay that reads the rates
         self.calls += 1
         if self.calls == 1:
-            return training_step(self.model, self.optimizer, cupy.asarray(x), cupy.asarray(y), self.grad_clip)
+            return training_step(self.model, self.optimizer, [(cupy.asarray(x), cupy.asarray(y))], lr,
+                                 self.grad_clip)
         if self.graph is None:
             self.x, self.y = cupy.array(x), cupy.array(y)
-            self._capture(cupy)
+            self.rates = cupy.zeros((len(self.optimizer.parameters()), 3), self.optimizer.parameters()[0].dtype)
+            host_rates = self._capture(cupy, lr, training_step)
         else:
             if tuple(x.shape) != self.x.shape or tuple(y.shape) != self.y.shape:
                 raise ValueError(f"a recorded step takes batches of shape {self.x.shape}, got {tuple(x.shape)}")
             self.x[...] = cupy.asarray(x)
             self.y[...] = cupy.asarray(y)
+            host_rates = self._collect_rates(lr)
+        self.rates[:len(host_rates)] = cupy.asarray(host_rates, dtype=self.rates.dtype)
         self.graph.launch(cupy.cuda.get_current_stream())
         return self.outputs
 
-    def _capture(self, cupy):
+    @contextlib.contextmanager
+    def _rates_into(self, host_rates, device_rows):
+        """Inside, each AdamW update appends its numbers to host_rates and (device_rows) gets its row of
+        self.rates to read them from, or (not device_rows) launches nothing."""
+        def record(rates):
+            host_rates.append(rates)
+            return self.rates[len(host_rates) - 1] if device_rows else None
+        fast_ops.rates_recorder = record
+        try:
+            yield
+        finally:
+            fast_ops.rates_recorder = None
+
+    def _collect_rates(self, lr):
+        """This step's AdamW numbers, from the optimizer's step() (which counts the step)."""
+        host_rates = []
+        with self._rates_into(host_rates, device_rows=False):
+            self.optimizer.step(lr)
+        return host_rates
+
+    def _capture(self, cupy, lr, training_step):
         cupy.get_default_memory_pool().free_all_blocks()  # the eager step's cached blocks: not needed again
         self.pool = cupy.cuda.MemoryPool()  # lives as long as the graph: it owns the graph's memory
         stream = cupy.cuda.Stream(non_blocking=True)
         blas = CaptureBlas.get(cupy)
         blas.bind(stream)
+        host_rates = []
         try:
-            with cupy.cuda.using_allocator(self.pool.malloc), stream, blas.products():
+            with cupy.cuda.using_allocator(self.pool.malloc), stream, blas.products(), \
+                    self._rates_into(host_rates, device_rows=True):
                 stream.begin_capture()
                 try:
-                    self.outputs = training_step(self.model, self.optimizer, self.x, self.y, self.grad_clip)
+                    self.outputs = training_step(self.model, self.optimizer, [(self.x, self.y)], lr,
+                                                 self.grad_clip)
                 finally:
                     graph = stream.end_capture()  # ends the capture even when the step raised
         except Exception as error:
             raise MinimosaicError(f"recording the training step as a CUDA graph failed ({type(error).__name__}: "
                                   f"{error}): run with --no-cuda-graph, and please report it") from error
         self.graph = graph
+        return host_rates
 
     def memory_bytes(self):
         """Device memory held for the graph's own arrays (activations, gradients, temporaries)."""
@@ -201,12 +222,12 @@ class CaptureBlas:
 
     @contextlib.contextmanager
     def products(self):
-        """Inside, backend.matmul on CuPy arrays is `self.matmul`."""
-        backend.gpu_matmul = self.matmul
+        """Inside, fast.ops.product on CuPy arrays is `self.matmul`."""
+        fast_ops.capture_product = self.matmul
         try:
             yield
         finally:
-            backend.gpu_matmul = None
+            fast_ops.capture_product = None
 
     def matmul(self, a, b):
         """a @ b (batch axes broadcast) as one cublasGemmStridedBatchedEx on the bound stream.

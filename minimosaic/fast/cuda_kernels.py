@@ -14,9 +14,9 @@ the plain code does in several, and reads and writes each array once.
   normalize_rows        y = s x / (|x| + eps) (s a per-head scale), one warp per row; and its gradient
   adamw_update          the whole AdamW update of one parameter (p, m, v) in one pass
 
-Every kernel has its plain CuPy/NumPy code as the reference right where it is used (the `else` branch
-in memories.py, ops.py, optim.py); tests/test_cuda_kernels.py checks both agree on random inputs, in
-float32 and float64, and the gradient checks run through the kernels on the GPU.
+Every kernel is checked against the plain core function it stands in for (memories.py, ops.py, optim.py),
+through the replacements in fast/ops.py: tests/test_cuda_kernels.py and tests/test_fast.py, on random
+inputs, in float32 and float64, and the gradient checks run through the kernels on the GPU.
 
 `enabled(name, *arrays)` decides: a kernel runs only on CuPy arrays, and only if it is switched on.
 All are on by default; MINIMOSAIC_CUDA_KERNELS=0 (or 'none') turns them off, and a comma-separated
@@ -27,8 +27,8 @@ import os
 
 import numpy  # only for kernel arguments' C types; the arrays are CuPy's
 
-from .backend import get_array_module
-from .errors import MinimosaicError
+from ..backend import get_array_module
+from ..errors import MinimosaicError
 
 KERNELS = ("leaky_scan", "softmax_rows", "attention_score_grad", "layer_norm", "normalize", "adamw")
 _active = None
@@ -301,7 +301,7 @@ def _long(*values):
 # ---------------------------------------------------------------- leaky average
 def leaky_scan(x, decay, reverse=False):
     """kbar_t = x_t + decay_h kbar_{t-1} along axis 2 of x (B, H, T, hs), any strides; reverse=True runs
-    backwards in time. Returns a new contiguous array. Reference: memories._leaky_scan."""
+    backwards in time. Returns a new contiguous array. Reference: memories.leaky_average."""
     import cupy
     B, H, n, D = x.shape
     y = cupy.empty((B, H, n, D), x.dtype)
@@ -331,7 +331,7 @@ def leaky_scan_backward(g, kbar, decay):
 def softmax_rows(s, mask=None, scale=1.0):
     """(e, r) for scores s (..., Tq, Tk), in place in s (which must be contiguous): e = exp(scale s - max)
     with masked entries 0, r = 1 / rowsum e, shaped (..., Tq, 1); mask (Tq, Tk) boolean, True = allowed.
-    Reference: memories._softmax_terms."""
+    Reference: fast.ops._softmax_terms's CuPy code."""
     import cupy
     assert s.flags.c_contiguous
     Tq, Tk = s.shape[-2:]
@@ -361,7 +361,7 @@ def attention_score_grad(ds, e, delta, scale=1.0):
 # ---------------------------------------------------------------- layer norm
 def layer_norm_rows(x, w=None, b=None, eps=1e-5):
     """(out, xhat, rstd) of layer norm over the last axis of x; rstd shaped (..., 1).
-    Reference: the plain branch of ops.layer_norm."""
+    Reference: ops.layer_norm."""
     import cupy
     x = cupy.ascontiguousarray(x)
     n = x.shape[-1]
@@ -402,7 +402,7 @@ def _head_layout(x, scale):
 
 def normalize_rows(x, eps, scale=None):
     """(y, norm): y = s x / (|x| + eps) over the last axis of x (contiguous), norm = |x| shaped (..., 1);
-    s = scale (H, 1, 1) per head for x (..., H, T, d), or 1. Reference: memories.normalize's plain code."""
+    s = scale (H, 1, 1) per head for x (..., H, T, d), or 1. Reference: memories.normalize."""
     import cupy
     n = x.shape[-1]
     rows = x.size // n
@@ -435,21 +435,34 @@ def normalize_backward_rows(g, x, norm, eps, scale=None):
 
 
 # ---------------------------------------------------------------- AdamW
+_ADAMW_BODY = """
+    m = b1 * m + (1 - b1) * g;
+    v = b2 * v + (1 - b2) * (g * g);
+    p = p * KEEP - STEP_SIZE * (m / (sqrt(v) * VHAT_SCALE + eps));
+"""
+
+
 @functools.lru_cache(maxsize=None)
-def _adamw_kernel():
+def _adamw_kernel(rates_in_memory):
     import cupy
-    return cupy.ElementwiseKernel(
-        "T g, raw T rates, T b1, T b2, T eps", "T p, T m, T v",
-        """
-        m = b1 * m + (1 - b1) * g;
-        v = b2 * v + (1 - b2) * (g * g);
-        p = p * rates[0] - rates[1] * (m / (sqrt(v) * rates[2] + eps));
-        """, "minimosaic_adamw")
+    if rates_in_memory:  # read from a device array: a recorded graph replays with each step's values
+        names, body = "T g, raw T rates, T b1, T b2, T eps", _ADAMW_BODY.replace("KEEP", "rates[0]").replace(
+            "STEP_SIZE", "rates[1]").replace("VHAT_SCALE", "rates[2]")
+    else:
+        names, body = "T g, T keep, T step_size, T vhat_scale, T b1, T b2, T eps", _ADAMW_BODY.replace(
+            "KEEP", "keep").replace("STEP_SIZE", "step_size").replace("VHAT_SCALE", "vhat_scale")
+    return cupy.ElementwiseKernel(names, "T p, T m, T v", body, f"minimosaic_adamw_{int(rates_in_memory)}")
 
 
 def adamw_update(p, g, m, v, rates, b1, b2, eps):
-    """One AdamW step of one parameter in place (see optim.AdamW for the maths). `rates` is a device
-    array (keep, step_size, vhat_scale): read by the kernel, so a captured step replays with new values.
-    Reference: the plain branch of optim.AdamW.update."""
+    """One AdamW step of one parameter in place; rates = (keep, step_size, vhat_scale) as numbers
+    (keep = 1 - lr wd, step_size = lr / (1 - b1^t), vhat_scale = 1 / sqrt(1 - b2^t)).
+    Reference: optim.adamw_update."""
     t = lambda value: _scalar(value, p.dtype)  # noqa: E731
-    _adamw_kernel()(g, rates, t(b1), t(b2), t(eps), p, m, v)
+    _adamw_kernel(False)(g, *(t(r) for r in rates), t(b1), t(b2), t(eps), p, m, v)
+
+
+def adamw_update_from(p, g, m, v, rates, b1, b2, eps):
+    """adamw_update with the rates read from a device array of 3 values when the kernel runs."""
+    t = lambda value: _scalar(value, p.dtype)  # noqa: E731
+    _adamw_kernel(True)(g, rates, t(b1), t(b2), t(eps), p, m, v)

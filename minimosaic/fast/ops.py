@@ -1,0 +1,388 @@
+"""The fast layer's replacements for the core's @replaceable functions, on NumPy and on CuPy.
+
+Each function here takes the arguments of the plain function it replaces (named in REPLACEMENTS) and
+gives the same result: the same values (to rounding) and the same gradients. It returns NotImplemented
+for inputs it does not handle (another device, dropout, a kernel switched off), and the plain function
+runs. tests/test_fast.py checks every pair, in float64 and float32, on the CPU and on a GPU.
+
+  ops.matmul              CPU: big 2-D products in row blocks on the pool; GPU: recordable in a CUDA graph
+  ops.gelu                CPU: in-place passes over cache-sized row blocks on all cores
+  ops.layer_norm          CPU: the same, both passes; GPU: one CUDA block per row
+  memories.softmax_attention  CPU: tiled, flash-style, on the pool; GPU: two fused passes and kernels
+  memories.leaky_average  CPU: chunked scan (products inside chunks of 16); GPU: one thread per channel
+  memories.normalize      CPU: row sums through BLAS; GPU: one warp per row
+  optim.adamw_update      GPU: the update in one pass, its rates readable from a CUDA graph
+  tensor.sum_to           GPU: big multi-axis sums one axis at a time
+"""
+import math
+
+import numpy as np
+
+from .. import memories
+from ..backend import get_array_module
+from ..tensor import broadcast_axes, make_result
+from . import cpu, cuda_kernels
+
+LEAKY_CHUNK = 16            # positions per chunk of the CPU scan: on 2 EPYC cores 8 and 16 tie
+TILE_SCORES = 1 << 18       # scores per attention tile: 1 MB in float32, about a core's L2 cache
+STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
+capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
+
+
+def _on_numpy(*arrays):
+    return get_array_module(*arrays) is np
+
+
+def product(a, b):
+    """a @ b: on the CPU pool, through a recording cuBLAS handle while a graph records, else plainly."""
+    if _on_numpy(a, b):
+        return cpu.matmul(a, b)
+    return a @ b if capture_product is None else capture_product(a, b)
+
+
+# ---------------------------------------------------------------- ops.matmul
+def matmul(a, b):
+    """ops.matmul with its three products through `product`."""
+    from ..ops import _pair
+    a, b = _pair(a, b)
+    if a.ndim < 2 or b.ndim < 2:
+        return NotImplemented  # the plain op says what is wrong
+
+    def backward(g):
+        return product(g, b.data.swapaxes(-1, -2)), product(a.data.swapaxes(-1, -2), g)
+    return make_result(product(a.data, b.data), (a, b), backward)
+
+
+# ---------------------------------------------------------------- ops.gelu (CPU)
+def gelu(a):
+    """ops.gelu as in-place passes over row blocks (cpu.map_blocks): t = erf(x / sqrt 2) is kept for the
+    backward, out = x (1 + t) / 2,  dx = g ((1 + t) / 2 + x exp(-x^2 / 2) / sqrt(2 pi))."""
+    if not _on_numpy(a.data):
+        return NotImplemented
+    from scipy.special import erf
+    x = a.data
+    t, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+
+    def forward(t, out, x):
+        np.multiply(x, x.dtype.type(1 / math.sqrt(2)), out=t)
+        erf(t, out=t)
+        np.add(t, 1, out=out)
+        out *= x
+        out *= 0.5
+    cpu.map_blocks(forward, t, out, x)
+
+    def backward(g):
+        def derivative(dx, t, x, g):
+            np.multiply(x, x, out=dx)
+            dx *= -0.5
+            np.exp(dx, out=dx)
+            dx *= x
+            dx *= x.dtype.type(1 / math.sqrt(2 * math.pi))
+            dx += 0.5
+            dx += 0.5 * t
+            dx *= g
+        dx = np.empty(x.shape, g.dtype)
+        cpu.map_blocks(derivative, dx, t, x, g)
+        return (dx,)
+    return make_result(out, (a,), backward)
+
+
+# ---------------------------------------------------------------- ops.layer_norm
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """ops.layer_norm: on the CPU both passes over row blocks on the pool, in place; on a GPU one CUDA
+    block per row (cuda_kernels.layer_norm_rows)."""
+    data = x.data
+    w = None if weight is None else weight.data
+    on_gpu = cuda_kernels.enabled("layer_norm", data)
+    if not (on_gpu or _on_numpy(data)):
+        return NotImplemented
+    if on_gpu:
+        out, xhat, rstd = cuda_kernels.layer_norm_rows(data, w, None if bias is None else bias.data, eps)
+    else:
+        xhat, rstd = np.empty(data.shape, data.dtype), np.empty(data.shape[:-1] + (1,), data.dtype)
+
+        def normalize_rows(xhat, rstd, x):
+            np.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
+            np.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps, out=rstd)
+            np.divide(1, rstd, out=rstd)
+            xhat *= rstd
+        cpu.map_blocks(normalize_rows, xhat, rstd, data)
+        out = xhat if w is None else xhat * w
+        if bias is not None:
+            out = out + bias.data
+    params = tuple(p for p in (weight, bias) if p is not None)
+
+    def backward(g):
+        def input_grad(dx, g, xhat, rstd):
+            dxhat = g if w is None else g * w
+            np.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
+            dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+            dx *= rstd
+        if on_gpu:
+            dx = cuda_kernels.layer_norm_backward_rows(g, w, xhat, rstd)
+        else:
+            dx = np.empty(data.shape, g.dtype)
+            cpu.map_blocks(input_grad, dx, g, xhat, rstd)
+        return (dx,) + ((g * xhat,) if weight is not None else ()) + ((g,) if bias is not None else ())
+    return make_result(out, (x,) + params, backward)
+
+
+# ---------------------------------------------------------------- memories.softmax_attention
+def softmax_attention(q, k, v, mask=None, scale=1.0, dropout=0.0):
+    """memories.softmax_attention without dropout: tiled on the CPU, dense with kernels on a GPU.
+
+    Both keep P = e r (e = exp(scores - rowmax), r = 1 / rowsum e) or its row log-normalisers, never the
+    softmax's graph. The backward takes delta = rowsum(dP * P) from the same rounded dP and P that dS
+    uses: when a head's key scale saturates, P's rows are one-hot, dP - delta is exactly 0 where P is
+    1, and no rounding residue is amplified by the key scale (the identity delta = g . y would leave one).
+    """
+    if dropout:
+        return NotImplemented
+    if _on_numpy(q.data):
+        return _tiled_attention(q, k, v, mask, scale)
+    return _dense_attention(q, k, v, mask, scale)
+
+
+def _softmax_terms(q, k, mask, scale):
+    """e = exp(scale q k^T - rowmax) with masked entries 0, and r = 1 / rowsum(e): softmax = e * r."""
+    xp = get_array_module(q)
+    e = product(q, k.swapaxes(-1, -2))                                           # (..., Tq, Tk)
+    if cuda_kernels.enabled("softmax_rows", e):
+        return cuda_kernels.softmax_rows(e, mask, scale)
+    if scale != 1.0:
+        e *= scale
+    if mask is not None:
+        e += xp.where(mask, 0.0, -xp.inf).astype(e.dtype)
+    m = e.max(axis=-1, keepdims=True)
+    if mask is not None:
+        m[~xp.isfinite(m)] = 0                  # a fully masked row: keep it -inf, so e = 0
+    e -= m
+    xp.exp(e, out=e)
+    denom = e.sum(axis=-1, keepdims=True)
+    denom[denom == 0] = 1                       # only fully masked rows
+    return e, 1 / denom
+
+
+def _dense_attention(q, k, v, mask, scale):
+    """On whole arrays (the GPU path): keeps e (..., Tq, Tk) and r."""
+    e, r = _softmax_terms(q.data, k.data, mask, scale)
+    y = product(e, v.data)
+    y *= r
+
+    def backward(g):
+        # The (Tq, Tk) arrays are only read as stored: X^T Y is computed as (Y^T X)^T, whose transposes
+        # touch only the small operands (a transposed view of a batched array can make cuBLAS copy it).
+        g_r = g * r                                                              # (..., Tq, dv)
+        dv = product(g_r.swapaxes(-1, -2), e).swapaxes(-1, -2)                   # P^T g
+        ds = product(g_r, v.data.swapaxes(-1, -2))                               # r dP, (..., Tq, Tk)
+        delta = (ds * e).sum(axis=-1, keepdims=True) * r                         # r rowsum(dP * P)
+        if cuda_kernels.enabled("attention_score_grad", ds):
+            cuda_kernels.attention_score_grad(ds, e, delta, scale)               # scale e (ds - delta)
+        else:
+            ds -= delta
+            ds *= e
+            if scale != 1.0:
+                ds *= scale
+        dq = product(ds, k.data)
+        return dq, product(q.data.swapaxes(-1, -2), ds).swapaxes(-1, -2), dv     # dk = dS^T q
+    return make_result(y, (q, k, v), backward)
+
+
+def _tiles(batch, Tq, Tk, mask):
+    """[(b0, b1, r0, r1, kend)]: blocks of batch slices and query rows holding about TILE_SCORES scores,
+    each with all the keys its rows may use ([:kend]: causal rows skip the future). With a mask, rows
+    come in at least 4 chunks so the upper triangle is mostly skipped."""
+    if mask is None:
+        last = np.full(Tq, Tk)
+    else:
+        last = np.where(mask.any(axis=1), Tk - mask[:, ::-1].argmax(axis=1), 0)   # (Tq,) keys used
+    rows = max(1, min(Tq, TILE_SCORES // Tk, Tq if mask is None else -(-Tq // 4)))
+    group = max(1, min(batch, TILE_SCORES // (rows * Tk)))
+    return [(b0, min(b0 + group, batch), r0, min(r0 + rows, Tq), int(last[r0:r0 + rows].max()))
+            for b0 in range(0, batch, group) for r0 in range(0, Tq, rows)]
+
+
+def _tiled_attention(q, k, v, mask, scale):
+    """Block by block on the pool (NumPy): each block of rows gets its scores, softmax and weighted sum
+    while they are in cache. The (Tq, Tk) weights are never stored: the forward keeps the row
+    log-normalisers lse = max + log rowsum e, and the backward recomputes P = exp(s - lse) per block
+    (one more q k^T product, flash-attention style). A block holds whole rows, so delta = rowsum(dP * P)
+    is computed inside it, from the block's own dP and P."""
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    Tq, (Tk, dv) = q.shape[-2], v.shape[-2:]
+
+    def flat(a, n):
+        return np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1]))
+    qs = flat(q.data, Tq) * q.dtype.type(scale)                                  # (nb, Tq, d), scaled once
+    kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)
+    nb = qs.shape[0]
+    bias = None if mask is None else np.where(mask, 0, -np.inf).astype(q.dtype)  # (Tq, Tk)
+    tiles = _tiles(nb, Tq, Tk, None if mask is None else np.asarray(mask))
+    workers = cpu.cpu_workers()
+    y = np.zeros((nb, Tq, dv), q.dtype)
+    lse = np.zeros((nb, Tq, 1), q.dtype)
+
+    def forward_tile(worker, i):
+        b0, b1, r0, r1, kend = tiles[i]
+        if kend == 0:  # every row fully masked: y = 0
+            return
+        e = qs[b0:b1, r0:r1] @ kf[b0:b1, :kend].swapaxes(-1, -2)                 # (G, rows, kend)
+        if bias is not None:
+            e += bias[r0:r1, :kend]
+        m = e.max(axis=-1, keepdims=True)
+        m[~np.isfinite(m)] = 0                  # fully masked rows: e = 0 below
+        e -= m
+        np.exp(e, out=e)
+        total = cpu.row_sum(e)
+        total[total == 0] = 1
+        out = e @ vf[b0:b1, :kend]
+        out /= total
+        y[b0:b1, r0:r1] = out
+        lse[b0:b1, r0:r1] = m + np.log(total)
+
+    cpu.parallel_tiles(forward_tile, len(tiles), workers)
+
+    def backward(g):
+        g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
+        dq = np.zeros_like(qs)
+        dk = np.zeros((workers,) + kf.shape, q.dtype)  # one accumulator per thread: blocks share keys
+        dvs = np.zeros((workers,) + vf.shape, q.dtype)
+        # -lse rides along as one more column of the queries, against a column of ones on the keys:
+        # the product then gives s - lse directly, one pass over each tile of scores fewer.
+        q_lse = np.concatenate([qs, -lse], axis=-1)
+        k_one = np.concatenate([kf, np.ones(kf.shape[:-1] + (1,), q.dtype)], axis=-1)
+
+        def backward_tile(worker, i):
+            b0, b1, r0, r1, kend = tiles[i]
+            if kend == 0:
+                return
+            p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
+            if bias is not None:
+                p += bias[r0:r1, :kend]
+            np.exp(p, out=p)                                                     # P, (G, rows, kend)
+            dvs[worker, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
+            ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
+            ds -= np.einsum("gij,gij->gi", ds, p)[..., None]                     # dP - rowsum(dP * P)
+            ds *= p                                                              # dS / scale
+            dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
+            dk[worker, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
+
+        cpu.parallel_tiles(backward_tile, len(tiles), workers)
+        if scale != 1.0:
+            dq *= q.dtype.type(scale)
+
+        def shape(a, n):
+            return a.reshape(batch + (n, a.shape[-1]))
+        return shape(dq, Tq), shape(dk.sum(axis=0), Tk), shape(dvs.sum(axis=0), Tk)
+    return make_result(y.reshape(batch + (Tq, dv)), (q, k, v), backward)
+
+
+# ---------------------------------------------------------------- memories.leaky_average
+def leaky_average(x, decay):
+    """memories.leaky_average: one CUDA thread per (batch, head, channel) on a GPU; on the CPU a chunked
+    scan, whose products replace most of the recurrence's Python steps."""
+    if cuda_kernels.enabled("leaky_scan", x.data):
+        y = cuda_kernels.leaky_scan(x.data, decay.data)
+        return make_result(y, (x, decay), lambda g: cuda_kernels.leaky_scan_backward(g, y, decay.data))
+    if not _on_numpy(x.data):
+        return NotImplemented
+    y = chunked_scan(x.data, decay.data, LEAKY_CHUNK)
+
+    def backward(g):
+        a = chunked_scan(g, decay.data, LEAKY_CHUNK, reverse=True)
+        return a, np.einsum("bhtd,bhtd->h", a[:, :, 1:], y[:, :, :-1])
+    return make_result(y, (x, decay), backward)
+
+
+def chunked_scan(x, decay, chunk, reverse=False):
+    """kbar_t = x_t + decay kbar_{t-1} along axis 2 of x (B, H, T, hs); decay (H,). reverse=True runs
+    backwards in time: a_t = x_t + decay a_{t+1}.
+
+    Inside chunks of L positions kbar = M x with M[t, s] = decay^(t - s) (s <= t); then each chunk adds
+    decay^(t+1) times the last kbar of the chunk before it. chunk = 1 is the plain recurrence.
+    """
+    B, H, T, hs = x.shape
+    L = max(1, min(chunk, T))
+    n = -(-T // L)
+    if n * L != T:  # zeros at the end change nothing, either way in time
+        x = np.concatenate([x, np.zeros((B, H, n * L - T, hs), x.dtype)], axis=2)
+    i = np.arange(L, dtype=x.dtype)
+    lag = i[:, None] - i[None, :]                                                # (L, L): t - s
+    within = decay[:, None, None] ** np.maximum(lag, 0) * (lag >= 0)             # (H, L, L)
+    carry = (decay[:, None] ** (i + 1))[:, :, None]                              # (H, L, 1)
+    if reverse:  # M^T, and the carry comes from the first position of the next chunk
+        within, carry = within.swapaxes(-1, -2), carry[:, ::-1]
+    y = within[:, None] @ x.reshape(B, H, n, L, hs)                              # (B, H, n, L, hs)
+    for c in (range(n - 2, -1, -1) if reverse else range(1, n)):
+        y[:, :, c] += carry * (y[:, :, c + 1, :1] if reverse else y[:, :, c - 1, -1:])
+    return y.reshape(B, H, n * L, hs)[:, :, :T]
+
+
+# ---------------------------------------------------------------- memories.normalize
+def normalize(x, scale=None, eps=memories.NORM_EPS):
+    """memories.normalize: one warp per row on a GPU; row sums through BLAS on the CPU."""
+    parents = (x,) if scale is None else (x, scale)
+    s = None if scale is None else scale.data
+    if cuda_kernels.enabled("normalize", x.data):
+        data = x.data if x.data.flags.c_contiguous else x.data.copy()
+        y, norm = cuda_kernels.normalize_rows(data, eps, s)
+        return make_result(y, parents, lambda g: cuda_kernels.normalize_backward_rows(g, data, norm, eps, s))
+    if not _on_numpy(x.data):
+        return NotImplemented
+    norm = np.sqrt(cpu.row_sum(x.data * x.data))
+    inv = 1 / (norm + eps)
+    u = x.data * inv
+    y = u if s is None else u * s
+
+    def backward(g):
+        gu = g if s is None else g * s
+        along = cpu.row_sum(u * gu) / np.where(norm > 0, norm, 1)
+        dx = (gu - x.data * along) * inv
+        return (dx,) if s is None else (dx, g * u)
+    return make_result(y, parents, backward)
+
+
+# ---------------------------------------------------------------- optim.adamw_update (GPU)
+rates_recorder = None   # while a CUDA graph records or replays: cuda_graph's AdamW rate slots
+
+
+def adamw_update(p, g, m, v, lr, betas, eps, weight_decay, t):
+    """optim.adamw_update in one CUDA pass. Its three step-dependent numbers (keep = 1 - lr wd,
+    step_size = lr / (1 - b1^t), 1 / sqrt(1 - b2^t)) are kernel arguments, or, while a CUDA graph
+    records, a row of a device array that each replay refreshes (`rates_recorder`)."""
+    if not cuda_kernels.enabled("adamw", p):
+        return NotImplemented
+    b1, b2 = betas
+    rates = (1 - lr * weight_decay, lr / (1 - b1 ** t), 1 / math.sqrt(1 - b2 ** t))
+    if rates_recorder is not None:
+        device_rates = rates_recorder(rates)
+        if device_rates is None:  # a replay's bookkeeping: the graph does the update
+            return None
+        cuda_kernels.adamw_update_from(p, g, m, v, device_rates, b1, b2, eps)
+    else:
+        cuda_kernels.adamw_update(p, g, m, v, rates, b1, b2, eps)
+    return None
+
+
+# ---------------------------------------------------------------- tensor.sum_to (GPU)
+def sum_to(grad, shape):
+    """tensor.sum_to on CuPy for big arrays, one axis at a time: CuPy's reductions give each output
+    element one block, so a few outputs fed by millions of inputs (a per-head gradient summed over
+    batch, time and channels) would keep most of the GPU idle; axis by axis, every stage is wide."""
+    if _on_numpy(grad) or grad.size < STAGED_SUM_MIN or grad.shape == tuple(shape):
+        return NotImplemented
+    for axis in broadcast_axes(grad.shape, shape):
+        grad = grad.sum(axis=axis, keepdims=True)
+    return grad.reshape(shape)
+
+
+REPLACEMENTS = {
+    "ops.matmul": matmul,
+    "ops.gelu": gelu,
+    "ops.layer_norm": layer_norm,
+    "memories.softmax_attention": softmax_attention,
+    "memories.leaky_average": leaky_average,
+    "memories.normalize": normalize,
+    "optim.adamw_update": adamw_update,
+    "tensor.sum_to": sum_to,
+}

@@ -1,0 +1,248 @@
+"""The fast layer against the plain core: every replacement in fast.ops.REPLACEMENTS gives the values and
+gradients of the plain function it replaces, in float64 and float32, on the CPU (and on a GPU, where the
+`gpu` tests run). Also: enabling it is explicit and reversible, `import minimosaic` does not enable it,
+and the CPU runtime's pool and allocator settings."""
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import DEVICES, grads_of, rand_tensor
+
+from minimosaic import fast, memories as mm, ops, registry, tensor
+from minimosaic.fast import cpu, ops as fast_ops
+from minimosaic.gradcheck import gradcheck
+from minimosaic.tensor import Tensor
+
+TOLERANCE = {np.float64: dict(rtol=1e-9, atol=1e-10), np.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+@pytest.fixture(params=[1, 2], ids=lambda n: f"workers{n}")
+def workers(request):
+    cpu.set_cpu_workers(request.param)
+    yield cpu.cpu_workers()
+    cpu.set_cpu_workers(None)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Tiles of 24 scores and blocks of 50 elements: small inputs are cut into many pieces."""
+    monkeypatch.setattr(fast_ops, "TILE_SCORES", 24)
+    monkeypatch.setattr(fast_ops, "STAGED_SUM_MIN", 1)
+    monkeypatch.setattr(cpu, "ELEMENTWISE_MIN", 1)
+    monkeypatch.setattr(cpu, "BLOCK_ELEMENTS", 50)
+    monkeypatch.setattr(cpu, "PARALLEL_MATMUL_MIN", 1)
+
+
+def on(device, array):
+    from minimosaic import backend
+    return backend.to_device(array, device)
+
+
+@pytest.fixture
+def used(monkeypatch):
+    """{replaced name: times its replacement did the work (did not decline)} while the test runs."""
+    counts = {}
+    for name, replacement in list(fast_ops.REPLACEMENTS.items()):
+        def counting(*args, _name=name, _replacement=replacement, **kwargs):
+            result = _replacement(*args, **kwargs)
+            counts[_name] = counts.get(_name, 0) + (result is not NotImplemented)
+            return result
+        monkeypatch.setitem(fast_ops.REPLACEMENTS, name, counting)
+    yield counts  # (conftest's plain_core fixture: nothing is registered when the test starts)
+
+
+def assert_replacement_agrees(name, fn, shapes, rng, dtype, device="cpu", domains=None, gradcheck_it=True):
+    """fn(*inputs) with the plain core and with the fast layer on: same values, same input gradients."""
+    domains = domains or [None] * len(shapes)
+    arrays = [(rng.uniform(0.05, 0.95, s) if d == "unit" else rng.standard_normal(s)).astype(dtype)
+              for s, d in zip(shapes, domains)]
+    results = []
+    for fast_on in (False, True):
+        with fast.enabled(fast_on):
+            inputs = [Tensor(on(device, a), requires_grad=True) for a in arrays]
+            out = fn(*inputs)
+            upstream = on(device, np.random.default_rng(1).standard_normal(out.shape).astype(dtype))
+            value, grads = grads_of(fn, inputs, upstream)
+            from minimosaic import backend
+            results.append((backend.asnumpy(value), [backend.asnumpy(g) for g in grads]))
+    (plain, plain_grads), (quick, quick_grads) = results
+    assert quick.dtype == dtype and all(g.dtype == dtype for g in quick_grads), name
+    np.testing.assert_allclose(quick, plain, err_msg=name, **TOLERANCE[dtype])
+    for i, (a, b) in enumerate(zip(quick_grads, plain_grads)):
+        np.testing.assert_allclose(a, b, err_msg=f"{name}: gradient of input {i}", **TOLERANCE[dtype])
+    if gradcheck_it and dtype == np.float64 and device == "cpu":
+        with fast.enabled():
+            gradcheck(fn, [Tensor(a, requires_grad=True) for a in arrays])
+
+
+MASK_STRICT, MASK_CAUSAL = np.tri(9, 9, -1, dtype=bool), np.tri(7, 7, 0, dtype=bool)
+ATTENTION = {  # name: (fn, shapes)
+    "context K K^T, strict causal": (lambda q, v: mm.softmax_attention(q, q, v, MASK_STRICT), [(2, 3, 9, 4), (2, 3, 9, 5)]),
+    "gpt, causal, scaled": (lambda q, k, v: mm.softmax_attention(q, k, v, MASK_CAUSAL, 0.5),
+                            [(2, 2, 7, 4), (2, 2, 7, 4), (2, 2, 7, 3)]),
+    "continuation, 5 past": (lambda q, k, v: mm.softmax_attention(q, k, v, mm.causal_mask(np, 3, 5, False)),
+                             [(1, 2, 3, 4), (1, 2, 8, 4), (1, 2, 8, 3)]),
+    "persistent, 2 banks": (lambda q, k, v: mm.softmax_attention(q, k, v), [(3, 10, 4), (2, 3, 6, 4), (2, 3, 6, 4)]),
+}
+OTHERS = {  # name: (replaced function, fn, shapes, domains)
+    "matmul 2-D, transposed": ("ops.matmul", lambda a, b: ops.matmul(a, ops.swapaxes(b, 0, 1)), [(40, 7), (9, 7)], None),
+    "matmul batched": ("ops.matmul", ops.matmul, [(2, 3, 5, 4), (3, 4, 6)], None),
+    "gelu, strided": ("ops.gelu", lambda x: ops.gelu(ops.swapaxes(x, 0, 1)), [(7, 9, 33)], None),
+    "layer_norm, strided": ("ops.layer_norm", lambda x, w, b: ops.layer_norm(ops.swapaxes(x, 0, 1), w, b),
+                            [(7, 9, 33), (33,), (33,)], None),
+    "layer_norm, no params": ("ops.layer_norm", ops.layer_norm, [(5, 12)], None),
+    "leaky_average, T 1": ("memories.leaky_average", mm.leaky_average, [(2, 3, 1, 4), (3,)], [None, "unit"]),
+    "leaky_average, T 40": ("memories.leaky_average", mm.leaky_average, [(2, 3, 40, 4), (3,)], [None, "unit"]),
+    "leaky_average, strided x": ("memories.leaky_average", lambda x, d: mm.leaky_average(ops.transpose(x, (0, 2, 1, 3)), d),
+                                 [(2, 19, 3, 4), (3,)], [None, "unit"]),
+    "normalize": ("memories.normalize", mm.normalize, [(3, 4, 5)], None),
+    "normalize, per-head scale": ("memories.normalize", mm.normalize, [(2, 3, 4, 5), (3, 1, 1)], None),
+    "sum_to (through broadcasting)": ("tensor.sum_to", lambda a, b: a * b, [(2, 3, 4, 5), (3, 1, 1)], None),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(ATTENTION))
+def test_attention_replacement_equals_the_plain_attention(rng, case, dtype, device, workers, small_blocks, used):
+    fn, shapes = ATTENTION[case]
+    assert_replacement_agrees(case, fn, shapes, rng, dtype, device)
+    assert used.get("memories.softmax_attention")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(OTHERS))
+def test_replacement_equals_the_plain_function(rng, case, dtype, device, workers, small_blocks, used):
+    name, fn, shapes, domains = OTHERS[case]
+    assert_replacement_agrees(case, fn, shapes, rng, dtype, device, domains)
+    works_on = {"tensor.sum_to": "gpu", "ops.gelu": "cpu"}.get(name, device)  # the rest work on both
+    assert bool(used.get(name)) == (works_on == device), f"{name}'s replacement ran: {used.get(name)}"
+
+
+def test_every_replacement_is_tested_and_names_a_replaceable_core_function():
+    from minimosaic import optim
+    tested = {name for name, *_ in OTHERS.values()} | {"memories.softmax_attention", "optim.adamw_update"}
+    assert tested == set(fast_ops.REPLACEMENTS)
+    modules = {"ops": ops, "memories": mm, "optim": optim, "tensor": tensor}
+    for name in fast_ops.REPLACEMENTS:
+        module, function = name.split(".")
+        assert getattr(modules[module], function).replaceable_name == name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_adamw_replacement_equals_the_plain_update(device, dtype, used):
+    """Three steps of AdamW (weight decay on the matrix only), fast layer off and on. On the CPU the
+    replacement declines and the plain update runs; on a GPU it is the fused kernel."""
+    from minimosaic import backend, nn, optim
+    rng = np.random.default_rng(3)
+    shapes = [(7, 5), (5,), (3, 4, 6)]
+    start, grads = [rng.standard_normal(s) for s in shapes], [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+    finals = []
+    for fast_on in (False, True):
+        with fast.enabled(fast_on):
+            params = [nn.Parameter(on(device, a.astype(dtype))) for a in start]
+            opt = optim.AdamW(optim.weight_decay_groups([(str(i), p) for i, p in enumerate(params)], 0.1),
+                              lr=0.01, betas=(0.9, 0.95))
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = on(device, g.astype(dtype))
+                opt.step(lr=0.02)
+            finals.append([backend.asnumpy(a) for a in [p.data for p in params] + opt.m + opt.v])
+    for quick, plain in zip(*finals[::-1]):
+        np.testing.assert_allclose(quick, plain, **TOLERANCE[dtype])
+    assert bool(used.get("optim.adamw_update")) == (device == "gpu")
+
+
+def test_tiled_attention_fully_masked_rows_give_zero(rng, workers, small_blocks):
+    k, v = rand_tensor((2, 2, 6, 3), rng=rng), rand_tensor((2, 2, 6, 3), rng=rng)
+    mask = np.tri(6, 6, -1, dtype=bool)
+    mask[3] = False                                          # a fully masked row inside the sequence
+    with fast.enabled():
+        y = mm.softmax_attention(k, k, v, mask)
+        y.sum().backward()
+    assert np.all(y.data[:, :, [0, 3]] == 0) and np.all(np.isfinite(k.grad)) and np.all(np.isfinite(v.grad))
+    np.testing.assert_allclose(y.data, mm.softmax_attention.plain(k, k, v, mask).data, atol=1e-12)
+
+
+def test_attention_with_dropout_is_left_to_the_plain_core(rng):
+    q = rand_tensor((2, 4, 3), rng=rng)
+    assert fast_ops.softmax_attention(q, q, q, None, 1.0, dropout=0.1) is NotImplemented
+
+
+def test_tiles_cover_every_row_and_skip_future_keys():
+    mask = np.tri(16, 16, -1, dtype=bool)
+    covered = np.zeros((6, 16), int)
+    for b0, b1, r0, r1, kend in fast_ops._tiles(6, 16, 16, mask):
+        covered[b0:b1, r0:r1] += 1
+        assert kend == (r1 - 1 if r1 > 1 else 0)         # strictly past keys of the block's last row
+    assert np.all(covered == 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_chunked_scan_is_the_recurrence_for_any_chunk(rng, chunk):
+    x, lam = rng.standard_normal((2, 3, 11, 4)), rng.uniform(0.1, 0.9, 3)
+    np.testing.assert_allclose(fast_ops.chunked_scan(x, lam, chunk),
+                               mm.leaky_average.plain(Tensor(x), Tensor(lam)).data, rtol=1e-12)
+    backwards = fast_ops.chunked_scan(x, lam, chunk, reverse=True)[:, :, ::-1]
+    np.testing.assert_allclose(backwards, fast_ops.chunked_scan(x[:, :, ::-1], lam, 1), rtol=1e-12)
+
+
+def test_parallel_tiles_runs_each_tile_once_and_raises(workers):
+    seen = []
+    cpu.parallel_tiles(lambda worker, i: seen.append((worker, i)), 50, workers)
+    assert sorted(i for _, i in seen) == list(range(50))
+    assert {w for w, _ in seen} <= set(range(workers))
+
+    def fail(worker, i):
+        if i == 7:
+            raise ValueError("tile 7")
+    with pytest.raises(ValueError, match="tile 7"):
+        cpu.parallel_tiles(fail, 20, workers)
+
+
+# ---------------------------------------------------------------- switching the layer on and off
+def test_enable_and_disable_register_and_unregister_every_replacement():
+    with fast.enabled(False):
+        assert not fast.is_enabled() and not registry.registered()
+        with fast.enabled():
+            assert fast.is_enabled()
+            assert set(registry.registered()) == set(fast_ops.REPLACEMENTS)
+        assert not fast.is_enabled()
+
+
+def test_importing_minimosaic_changes_nothing_process_wide():
+    """A fresh interpreter: `import minimosaic` (and its core modules) registers nothing, starts no
+    thread, and leaves OpenBLAS's thread count and glibc's malloc alone."""
+    probe = """
+import threading, numpy
+before_threads = threading.active_count()
+from minimosaic.fast import cpu
+controls = cpu._openblas_controls()
+blas_before = controls[0]() if controls else None
+import minimosaic, minimosaic.memories, minimosaic.models, minimosaic.optim, minimosaic.train, minimosaic.cli
+from minimosaic import registry
+assert not registry.registered(), registry.registered()
+assert threading.active_count() == before_threads
+assert (controls[0]() if controls else None) == blas_before
+print("ok")
+"""
+    # fast.cpu is imported first only to read BLAS's thread count; importing it changes nothing either
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_malloc_settings_apply_on_glibc_and_can_be_switched_off(monkeypatch):
+    """keep_freed_memory (run by fast.enable) sets glibc's mmap and trim thresholds;
+    MINIMOSAIC_MALLOC=default leaves the allocator alone."""
+    monkeypatch.setenv("MINIMOSAIC_MALLOC", "default")
+    assert cpu.keep_freed_memory() is False
+    monkeypatch.delenv("MINIMOSAIC_MALLOC")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert cpu.keep_freed_memory() is True
+    for other in ("win32", "darwin"):  # no mallopt there: nothing is called, nothing fails
+        monkeypatch.setattr(sys, "platform", other)
+        assert cpu.keep_freed_memory() is False
