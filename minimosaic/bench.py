@@ -471,7 +471,8 @@ def _machine(device, threads):
 
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
-              threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, progress=None):
+              threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, also_plain=False,
+              progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -479,7 +480,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     (default: what NumPy's BLAS uses, `blas_threads`) is given to both sides. Generation runs at
     batch 1 with a prompt of half of min(gen_context, block_size) tokens and as many new ones.
     On a GPU, `cuda_graph` replays our step from a CUDA graph (the official code runs eagerly).
-    `plain` times our plain core, without the fast layer (minimosaic.fast).
+    `plain` times our plain core, without the fast layer (minimosaic.fast), instead of the fast layer;
+    `also_plain` times both, side by side in the same run (the table then shows what the layer buys).
     `progress(line)` is called before each child starts. With `json_path` the result is also written
     there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
@@ -500,7 +502,9 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     threads = threads or blas_threads()
     common = dict(s=settings, device=device, steps=steps, warmup=warmup, generation=generation,
                   gen_context=gen_context, tf32=bool(tf32 and device == "gpu"))
-    jobs = [("ours", dict(model_name=name, cuda_graph=cuda_graph, plain=plain, **common)) for name in names]
+    cores = (False, True) if also_plain else (plain,)
+    jobs = [("ours", dict(model_name=name, cuda_graph=cuda_graph, plain=core, **common))
+            for name in names for core in cores]
     notes = []
     references = [(name, path) for name, path in (("mosaic", reference_file), ("gpt", reference_gpt_file))
                   if path]
@@ -533,13 +537,17 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
 
 
 def _ratios(runs):
-    """ours / official for each model measured on both sides."""
+    """ours / official for each model measured on both sides (and fast layer / plain core, when both
+    of ours were timed)."""
     ratios = []
     for ours in (r for r in runs if r["side"] == "ours"):
-        for theirs in (r for r in runs if r["side"] == "reference" and r["model"] == ours["model"]):
+        against = [r for r in runs if r["model"] == ours["model"] and (
+            r["side"] == "reference" or (r["side"] == "ours" and r.get("plain") and not ours.get("plain")))]
+        for theirs in against:
             memory = "peak_rss_mb" if "peak_rss_mb" in ours else "gpu_mem_mb"
             ratios.append(dict(model=ours["model"], tokens_per_s=ours["tokens_per_s"] / theirs["tokens_per_s"],
-                               memory=ours[memory] / theirs[memory], memory_kind=memory))
+                               memory=ours[memory] / theirs[memory], memory_kind=memory,
+                               ours=ours["label"], theirs=theirs["label"]))
     return ratios
 
 
@@ -601,8 +609,10 @@ def format_table(result):
                          f"(context {gen['context']}); the official generate() has no cache")
     for r in result["ratios"]:
         memory = "peak RSS" if r["memory_kind"] == "peak_rss_mb" else "GPU memory"
-        lines.append(f"{r['model']}: ours / official  tokens/s {r['tokens_per_s']:.2f}x,  {memory} "
-                     f"{r['memory']:.2f}x")
+        which = "ours / official" if "official" in r.get("theirs", "official") else "fast layer / plain core"
+        if "plain" in r.get("ours", ""):
+            which = "plain core / official"
+        lines.append(f"{r['model']}: {which}  tokens/s {r['tokens_per_s']:.2f}x,  {memory} {r['memory']:.2f}x")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
 

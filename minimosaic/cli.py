@@ -457,6 +457,7 @@ def bench(
     json_out: Path = typer.Option(None, "--json", help="also write the results as JSON here"),
     plain: bool = typer.Option(False, "--plain", help="time our plain core, without the fast layer "
                                                       "(also MINIMOSAIC_PLAIN=1)"),
+    also_plain: bool = typer.Option(False, "--also-plain", help="time our plain core too, in the same run"),
 ):
     from . import bench as benchmarks, fast
 
@@ -465,7 +466,7 @@ def bench(
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
         tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True),
-        plain=plain or fast.plain_requested())
+        plain=plain or fast.plain_requested(), also_plain=also_plain)
     typer.echo(benchmarks.format_table(result))
 
 

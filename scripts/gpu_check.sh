@@ -76,10 +76,13 @@ for preset in tok-small gpt2-small-like; do
   TAIL=3 stage "bench-eager-$preset" 45 $py -m minimosaic.cli bench --device gpu --preset "$preset" \
     --model mosaic --no-generation --no-cuda-graph "${bench_opts[@]}" "${tf32[@]}" --json "$logs/bench-eager-$preset.json"
 done
+# the plain core on the GPU (no fast layer: no kernels, no graph), so the table shows what the layer buys
+TAIL=3 stage "bench-plain-core-tok-small" 60 $py -m minimosaic.cli bench --device gpu --preset tok-small \
+  --model mosaic --no-generation --plain "${bench_opts[@]}" --json "$logs/bench-plain-core-tok-small.json"
 if [ "${GPU_CHECK_EXTRA:-0}" = 1 ]; then
-  # what the CUDA kernels bring (the plain CuPy code, same protocol), and both sides with TF32 matmuls
-  MINIMOSAIC_CUDA_KERNELS=0 TAIL=3 stage "bench-plain-tok-small" 60 $py -m minimosaic.cli bench --device gpu \
-    --preset tok-small --model mosaic --no-generation --no-cuda-graph "${bench_opts[@]}" --json "$logs/bench-plain-tok-small.json"
+  # what the CUDA kernels bring (the fast layer without its kernels, eager), and both sides with TF32
+  MINIMOSAIC_CUDA_KERNELS=0 TAIL=3 stage "bench-nokernels-tok-small" 60 $py -m minimosaic.cli bench --device gpu \
+    --preset tok-small --model mosaic --no-generation --no-cuda-graph "${bench_opts[@]}" --json "$logs/bench-nokernels-tok-small.json"
   TAIL=3 stage bench-tf32-gpt2-small-like 90 $py -m minimosaic.cli bench --device gpu --preset gpt2-small-like \
     --model mosaic --no-generation "${bench_opts[@]}" --tf32 "${ref[@]}" --json "$logs/bench-tf32-gpt2-small-like.json"
 fi
@@ -91,7 +94,7 @@ logs = pathlib.Path(sys.argv[1])
 print(f"{'config':16} {'run':28} {'tokens/s':>10} {'ms/step':>9} {'GPU MiB':>9} {'TFLOP/s':>8} {'peak%':>6}")
 for f in sorted(logs.glob("bench-*.json")):
     result = json.loads(f.read_text())
-    variant = " [CUDA kernels off]" if "plain" in f.name else " [TF32]" if result.get("tf32") else ""
+    variant = " [CUDA kernels off]" if "nokernels" in f.name else " [TF32]" if result.get("tf32") else ""
     for r in result["runs"]:
         label = (r["label"].replace("minimosaic", "ours").replace("official torch", "official") + variant)[:28]
         print(f"{result['preset']:16} {label:28} {r.get('tokens_per_s', 0):10.0f} "

@@ -193,3 +193,24 @@ def test_a_failed_side_is_a_note_and_nothing_measured_is_an_error(monkeypatch):
     with pytest.raises(MinimosaicError, match="every benchmark failed: ours mosaic failed"):
         bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=1, warmup=0,
                         generation=False)
+
+
+def test_also_plain_times_the_plain_core_beside_the_fast_layer_and_compares_them(tiny_result):
+    """The plain core and the fast layer in one run: the fast-layer / plain-core ratio is in the table.
+    (The runs are synthesised from the tiny run's numbers: the children are tested above.)"""
+    result = dict(tiny_result[0])
+    fast_run = result["runs"][0]
+    plain_run = dict(fast_run, label="mosaic (minimosaic, plain)", plain=True,
+                     tokens_per_s=fast_run["tokens_per_s"] / 4)
+    result["runs"] = [fast_run, plain_run]
+    result["ratios"] = bench._ratios(result["runs"])
+    assert [r["tokens_per_s"] for r in result["ratios"]] == [pytest.approx(4.0)]
+    assert "mosaic: fast layer / plain core  tokens/s 4.00x" in bench.format_table(result)
+
+
+def test_also_plain_runs_both_cores_in_children():
+    result = bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=1, warmup=0,
+                             generation=False, also_plain=True)
+    assert [r.get("plain") for r in result["runs"]] == [False, True]
+    assert result["runs"][1]["label"] == "mosaic (minimosaic, plain)"
+    assert result["runs"][0]["loss_first"] == pytest.approx(result["runs"][1]["loss_first"], rel=1e-5)

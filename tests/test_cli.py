@@ -249,3 +249,23 @@ def test_unwritable_out(tmp_path, text_file, data_dir, capsys):
     (tmp_path / "file").write_text("")
     assert_user_error(invoke(capsys, "train", "--data", text_file, *TINY, "--out", tmp_path / "file" / "run"),
                       "cannot write to output folder")
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["default", "plain"])
+def test_commands_run_on_the_fast_layer_unless_plain(capsys, text_file, data_dir, tmp_path, plain, trained,
+                                                     monkeypatch):
+    """train says which core it runs on; sample turns the fast layer on unless --plain (or
+    MINIMOSAIC_PLAIN=1); both give the same text from the same seed."""
+    from minimosaic import fast, registry
+    flag = ["--plain"] if plain else []
+    code, out, err = invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "2", "--eval-interval", "2",
+                            "--out", tmp_path / "run", *flag)
+    assert code == 0, err
+    assert ("(plain core)" if plain else "(fast layer)") in out
+    registry.clear()
+    code, out, _ = invoke(capsys, "sample", trained, "--max-new-tokens", "20", "--seed", "1", *flag)
+    assert code == 0 and fast.is_enabled() == (not plain)
+    registry.clear()
+    monkeypatch.setenv("MINIMOSAIC_PLAIN", "1")
+    code, plain_out, _ = invoke(capsys, "sample", trained, "--max-new-tokens", "20", "--seed", "1")
+    assert code == 0 and not fast.is_enabled() and plain_out == out

@@ -118,8 +118,9 @@ def test_attention_replacement_equals_the_plain_attention(rng, case, dtype, devi
 def test_replacement_equals_the_plain_function(rng, case, dtype, device, workers, small_blocks, used):
     name, fn, shapes, domains = OTHERS[case]
     assert_replacement_agrees(case, fn, shapes, rng, dtype, device, domains)
-    works_on = {"tensor.sum_to": "gpu", "ops.gelu": "cpu"}.get(name, device)  # the rest work on both
-    assert bool(used.get(name)) == (works_on == device), f"{name}'s replacement ran: {used.get(name)}"
+    works = {"tensor.sum_to": device == "gpu",  # big multi-axis sums are a GPU matter
+             "ops.gelu": device == "cpu" and dtype == np.float32}.get(name, True)  # (float64: exact erf)
+    assert bool(used.get(name)) == works, f"{name}'s replacement ran: {used.get(name)}"
 
 
 def test_every_replacement_is_tested_and_names_a_replaceable_core_function():
