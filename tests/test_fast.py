@@ -29,6 +29,7 @@ def workers(request):
 def small_blocks(monkeypatch):
     """Tiles of 24 scores and blocks of 50 elements: small inputs are cut into many pieces."""
     monkeypatch.setattr(fast_ops, "TILE_SCORES", 24)
+    monkeypatch.setattr(fast_ops, "SMALL_ATTENTION", 0)
     monkeypatch.setattr(fast_ops, "STAGED_SUM_MIN", 1)
     monkeypatch.setattr(cpu, "ELEMENTWISE_MIN", 1)
     monkeypatch.setattr(cpu, "BLOCK_ELEMENTS", 50)
@@ -93,10 +94,10 @@ OTHERS = {  # name: (replaced function, fn, shapes, domains)
     "layer_norm, strided": ("ops.layer_norm", lambda x, w, b: ops.layer_norm(ops.swapaxes(x, 0, 1), w, b),
                             [(7, 9, 33), (33,), (33,)], None),
     "layer_norm, no params": ("ops.layer_norm", ops.layer_norm, [(5, 12)], None),
-    "leaky_average, T 1": ("memories.leaky_average", mm.leaky_average, [(2, 3, 1, 4), (3,)], [None, "unit"]),
+    "leaky_average, T 33": ("memories.leaky_average", mm.leaky_average, [(2, 3, 33, 4), (3,)], [None, "unit"]),
     "leaky_average, T 40": ("memories.leaky_average", mm.leaky_average, [(2, 3, 40, 4), (3,)], [None, "unit"]),
     "leaky_average, strided x": ("memories.leaky_average", lambda x, d: mm.leaky_average(ops.transpose(x, (0, 2, 1, 3)), d),
-                                 [(2, 19, 3, 4), (3,)], [None, "unit"]),
+                                 [(2, 37, 3, 4), (3,)], [None, "unit"]),
     "normalize": ("memories.normalize", mm.normalize, [(3, 4, 5)], None),
     "normalize, per-head scale": ("memories.normalize", mm.normalize, [(2, 3, 4, 5), (3, 1, 1)], None),
     "sum_to (through broadcasting)": ("tensor.sum_to", lambda a, b: a * b, [(2, 3, 4, 5), (3, 1, 1)], None),
@@ -169,9 +170,12 @@ def test_tiled_attention_fully_masked_rows_give_zero(rng, workers, small_blocks)
     np.testing.assert_allclose(y.data, mm.softmax_attention.plain(k, k, v, mask).data, atol=1e-12)
 
 
-def test_attention_with_dropout_is_left_to_the_plain_core(rng):
+def test_attention_with_dropout_or_few_scores_is_left_to_the_plain_core(rng):
     q = rand_tensor((2, 4, 3), rng=rng)
     assert fast_ops.softmax_attention(q, q, q, None, 1.0, dropout=0.1) is NotImplemented
+    assert fast_ops.softmax_attention(q, q, q, None, 1.0) is NotImplemented  # 32 scores: plain is faster
+    big = rand_tensor((4, 128, 8), rng=rng)
+    assert fast_ops.softmax_attention(big, big, big, None, 1.0) is not NotImplemented
 
 
 def test_tiles_cover_every_row_and_skip_future_keys():

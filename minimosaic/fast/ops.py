@@ -25,6 +25,7 @@ from . import cpu, cuda_kernels
 
 LEAKY_CHUNK = 16            # positions per chunk of the CPU scan: on 2 EPYC cores 8 and 16 tie
 TILE_SCORES = 1 << 18       # scores per attention tile: 1 MB in float32, about a core's L2 cache
+SMALL_ATTENTION = 1 << 15   # scores below which the plain attention is faster (a generated token's)
 STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
 capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
 
@@ -158,7 +159,8 @@ def softmax_attention(q, k, v, mask=None, scale=1.0, dropout=0.0):
     if dropout:
         return NotImplemented
     if _on_numpy(q.data):
-        return _tiled_attention(q, k, v, mask, scale)
+        scores = math.prod(np.broadcast_shapes(q.shape[:-1], k.shape[:-2] + (1,))) * k.shape[-2]
+        return NotImplemented if scores < SMALL_ATTENTION else _tiled_attention(q, k, v, mask, scale)
     return _dense_attention(q, k, v, mask, scale)
 
 
@@ -303,7 +305,7 @@ def leaky_average(x, decay):
     if cuda_kernels.enabled("leaky_scan", x.data):
         y = cuda_kernels.leaky_scan(x.data, decay.data)
         return make_result(y, (x, decay), lambda g: cuda_kernels.leaky_scan_backward(g, y, decay.data))
-    if not _on_numpy(x.data):
+    if not _on_numpy(x.data) or x.shape[2] < 2 * LEAKY_CHUNK:  # a few steps: the recurrence is cheaper
         return NotImplemented
     y = chunked_scan(x.data, decay.data, LEAKY_CHUNK)
 
