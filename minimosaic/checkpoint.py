@@ -11,6 +11,7 @@ truncated or damaged file is reported, never loaded. Writing goes to a temp file
 is flushed and fsync'ed, then renamed over the old file with os.replace (atomic), so a crash mid-write
 leaves the previous checkpoint as it was.
 """
+import errno
 import hashlib
 import json
 import os
@@ -80,8 +81,9 @@ def save_checkpoint(directory, name, arrays, meta):
         tmp = None
         _fsync_directory(path.parent)  # makes the rename itself survive a power cut
     except OSError as e:
-        raise MinimosaicError(f"cannot write checkpoint {path} ({e.strerror or e}): "
-                              f"choose a writable output directory") from None
+        advice = ("free some space on that disk, or give --out on another one" if e.errno == errno.ENOSPC
+                  else "choose a writable output directory")
+        raise MinimosaicError(f"cannot write checkpoint {path} ({e.strerror or e}): {advice}") from None
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)

@@ -58,13 +58,19 @@ def version():
 # ----------------------------------------------------------------------------------------------------
 # train
 
+def _default(text):
+    """' [default: text]' for a help string (the bracket escaped where Typer renders help with rich markup,
+    which would otherwise take it for a style tag and drop it)."""
+    return f" {chr(92) if typer.core.HAS_RICH else ''}[default: {text}]"
+
+
 def _opt(help_text, shown=None, key=None):
     """An option whose value None means "not given": the preset (or the built-in default) decides."""
     if shown is None:
         in_a_preset = any(key in preset for preset in trainer.PRESETS.values())
         defaults = {**dataclasses.asdict(trainer.ModelConfig()), **dataclasses.asdict(trainer.TrainConfig())}
         shown = "from --preset" if in_a_preset else str(defaults[key])
-    return typer.Option(None, help=help_text, show_default=shown)
+    return typer.Option(None, help=help_text + _default(shown), show_default=False)
 
 
 def _preset_summary():
@@ -147,7 +153,9 @@ class ConsoleLogger(trainer.TrainLogger):
         self.close()
 
 
-@app.command(help="Train a Memory Mosaic (or GPT) language model; checkpoints, log.jsonl and loss.png "
+@app.command(short_help="Train a Memory Mosaic (or GPT) language model; checkpoints, log.jsonl and "
+                        "loss.png go to --out.",
+             help="Train a Memory Mosaic (or GPT) language model; checkpoints, log.jsonl and loss.png "
                   "go to --out. Options left out come from the preset:\n\n" + _preset_summary())
 def train(
     model: ModelName = _opt("which model", shown="mosaic"),
@@ -201,8 +209,8 @@ def train(
                      tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None,
                      time_limit=time_limit)
     overrides.update(out=out and str(out), plain=plain or None)
-    model_config, config, saved_tokenizer = trainer.resolve_run(preset, overrides, resume)
-    corpus = trainer.prepare_data(config, data_dir, tokenizer=saved_tokenizer)
+    model_config, config, resume_meta = trainer.resolve_run(preset, overrides, resume)
+    corpus = trainer.prepare_data(config, data_dir, resume_meta=resume_meta)
     model_config.vocab_size = corpus.tokenizer.vocab_size
     logger = ConsoleLogger()
     try:
@@ -263,7 +271,7 @@ def sample(
 ):
     """Generate text from a trained run (with the incremental cache)."""
     if prompt_file is not None:
-        prompt = datasets.read_text_file(prompt_file)
+        prompt = datasets.read_text_file(prompt_file, role="prompt file", advice="check the --prompt-file path")
     if not temperature >= 0:
         raise MinimosaicError(f"--temperature {temperature}: use a value >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
@@ -449,7 +457,7 @@ def bench(
     reference_gpt_file: Path = typer.Option(None, help="a copy of the official nanoMosaics/gpt_model.py"),
     generation: bool = typer.Option(True, help="also time generation with and without the cache"),
     gen_context: int = typer.Option(512, help="context length reached by the generation benchmark"),
-    threads: int = typer.Option(None, help="BLAS/torch threads for both sides [default: NumPy's]"),
+    threads: int = typer.Option(None, help="BLAS/torch threads for both sides" + _default("NumPy's")),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: TF32 tensor-core matmuls on both sides"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
                                        help="GPU: time our step eagerly, not replayed from a CUDA graph "
@@ -474,8 +482,7 @@ def main(argv=None):
     """Entry point. Usage errors and MinimosaicErrors become one line on stderr and exit code 2."""
     try:
         code = app(args=argv, prog_name="minimosaic", standalone_mode=False)
-    except getattr(click_exceptions, "NoArgsIsHelpError", ()) as error:  # click >= 8.2
-        typer.echo(error.ctx.get_help())
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()):  # click >= 8.2: the help is printed already
         code = 0
     except click_exceptions.UsageError as error:
         where = error.ctx.command_path if error.ctx else "minimosaic"

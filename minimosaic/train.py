@@ -156,12 +156,13 @@ def default_out(model, level, data):
 
 
 def resolve_run(preset=None, overrides=None, resume=False):
-    """(ModelConfig, TrainConfig, saved tokenizer or None) for the run a user asks for, checked before
-    any data is loaded.
+    """(ModelConfig, TrainConfig, checkpoint meta or None) for the run a user asks for, checked before
+    any data is loaded (hand the meta to `prepare_data`).
 
     A new run: the preset (by default the level's) and the overrides; its `out` must not hold a run.
     resume: the run saved in overrides['out'] (or the default folder), with the overrides it allows
-    (RESUME_MAY_CHANGE; anything else that differs from the checkpoint is an error) and its tokenizer.
+    (RESUME_MAY_CHANGE; anything else that differs from the checkpoint is an error); the meta returned
+    holds its tokenizer and the fingerprint of its training text.
     The model's vocab_size comes from the tokenizer (`prepare_data`).
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -174,7 +175,7 @@ def resolve_run(preset=None, overrides=None, resume=False):
                                               base={**meta["train_config"], **saved_model})
         model_config.vocab_size = meta["model_config"]["vocab_size"]
         check_resume(meta, model_config, config, directory=out)
-        return model_config, config, tokenizer_from_spec(meta["tokenizer"])
+        return model_config, config, meta
     model_config, config = resolve_config(preset or DEFAULT_PRESET[given.get("level", "char")], given)
     if config.level == "char" and ("vocab_size" in given or "tokenizer" in given):
         raise MinimosaicError("--vocab-size and --tokenizer apply to --level token only: "
@@ -185,9 +186,18 @@ def resolve_run(preset=None, overrides=None, resume=False):
     return model_config, config, None
 
 
-def prepare_data(config, data_dir=None, tokenizer=None):
-    """Load the text of `config.data`, build (or reuse) the tokenizer and encode both splits."""
+def prepare_data(config, data_dir=None, tokenizer=None, resume_meta=None):
+    """Load the text of `config.data`, build (or reuse) the tokenizer and encode both splits.
+    resume_meta: the meta of the checkpoint a run resumes; its tokenizer is reused, and a different
+    training text is refused before anything is encoded."""
     text, name = load_text(config.data, data_dir)
+    if resume_meta is not None:
+        saved = resume_meta["dataset"]
+        if hashlib.sha256(text.encode("utf-8")).hexdigest() != saved["text_sha256"]:
+            raise MinimosaicError(f"cannot resume {config.out}: the training text changed ({saved['name']!r} in "
+                                  f"the checkpoint, {name!r} now, and their contents differ). Pass the --data of "
+                                  f"the run you resume, or train from scratch into a new --out")
+        tokenizer = tokenizer_from_spec(resume_meta["tokenizer"])
     if tokenizer is None:
         tokenizer = build_tokenizer(config.level, text, config.tokenizer, config.vocab_size)
     cache = Path(data_dir).expanduser() / "encoded" if data_dir is not None else None
@@ -316,6 +326,8 @@ def load_run(directory, name=None, device="cpu"):
     directory = Path(directory)
     if name is None:
         name = BEST if checkpoint_path(directory, BEST).exists() else LATEST
+    if name not in (BEST, LATEST):
+        raise MinimosaicError(f"unknown checkpoint {name!r}: use --checkpoint {BEST} or --checkpoint {LATEST}")
     if not checkpoint_path(directory, name).exists():
         raise MinimosaicError(f"no checkpoint {checkpoint_path(directory, name)}: train one first with "
                               f"`minimosaic train --out {directory}`")

@@ -269,3 +269,50 @@ def test_commands_run_on_the_fast_layer_unless_plain(capsys, text_file, data_dir
     monkeypatch.setenv("MINIMOSAIC_PLAIN", "1")
     code, plain_out, _ = invoke(capsys, "sample", trained, "--max-new-tokens", "20", "--seed", "1")
     assert code == 0 and not fast.is_enabled() and plain_out == out
+
+
+# ---------------------------------------------------------------- messages that say what is true
+def test_no_arguments_prints_the_help_once(capsys):
+    code, out, err = invoke(capsys)
+    assert code == 0 and out.count("Usage:") == 1 and not err
+
+
+def test_the_train_entry_of_the_command_list_is_a_whole_sentence(capsys):
+    code, out, _ = invoke(capsys, "--help")
+    line = next(line for line in out.splitlines() if " train " in line)
+    assert code == 0 and "preset:" not in out.split(" sample ")[0] and "checkpoints" in line
+
+
+def test_defaults_are_shown_plainly(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    _, out, _ = invoke(capsys, "train", "--help")
+    assert "[default: mosaic]" in out and "[default: (" not in out and "[default: char]" in out
+    _, out, _ = invoke(capsys, "bench", "--help")
+    assert "[default: NumPy's]" in out
+
+
+def test_downloading_the_built_in_stories_says_they_are_built_in(capsys, data_dir):
+    assert invoke(capsys, "data", "download", "stories")[2].strip() == (
+        "error: 'stories' is built in (minimosaic generates it), so there is nothing to download: train on "
+        "it with `minimosaic train` and no --data")
+
+
+def test_an_unknown_checkpoint_name_is_named(capsys, trained):
+    assert invoke(capsys, "sample", trained, "--checkpoint", "foo")[2].strip() == (
+        "error: unknown checkpoint 'foo': use --checkpoint best or --checkpoint latest")
+
+
+def test_a_missing_prompt_file_is_called_a_prompt_file(capsys, trained, tmp_path):
+    missing = tmp_path / "nope.txt"
+    assert invoke(capsys, "sample", trained, "--prompt-file", missing)[2].strip() == (
+        f"error: prompt file {missing} does not exist: check the --prompt-file path")
+
+
+def test_resuming_on_another_text_says_the_text_changed(capsys, text_file, data_dir, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text().replace("a", "ã"))
+    out = tmp_path / "run"
+    assert invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "2", "--eval-interval", "2",
+                  "--out", out)[0] == 0
+    result = invoke(capsys, "train", "--data", other, "--out", out, "--resume", "--steps", "4")
+    assert_user_error(result, "the training text changed", "'stories' in the checkpoint, 'other' now")

@@ -94,6 +94,9 @@ def download_dataset(name, data_dir=None, timeout=60.0):
     into place (os.replace is atomic), so an interrupted download never leaves a half file behind.
     Returns the path.
     """
+    if name == EMBEDDED:
+        raise MinimosaicError(f"'{EMBEDDED}' is built in (minimosaic generates it), so there is nothing to "
+                              f"download: train on it with `minimosaic train` and no --data")
     ds = _dataset(name)
     path = dataset_path(name, data_dir)
     if path.is_file() and _sha256_file(path) == ds.sha256:
@@ -130,21 +133,23 @@ def download_dataset(name, data_dir=None, timeout=60.0):
     return path
 
 
-def read_text_file(path):
-    """The contents of a UTF-8 text file (a BOM is dropped); MinimosaicError if missing, empty, not UTF-8."""
+def read_text_file(path, role="data file", advice=None):
+    """The contents of a UTF-8 text file (a BOM is dropped); MinimosaicError if missing, empty, not UTF-8.
+    role names the file in messages ('data file', 'prompt file'); advice replaces the data file's hint."""
     path = Path(path).expanduser()
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise MinimosaicError(f"data file {path} {what}: check the path, or use a named dataset "
-                              f"({', '.join(DATASETS)}) or no --data for the embedded stories")
+        advice = advice or (f"check the path, or use a named dataset ({', '.join(DATASETS)}) or no --data "
+                            f"for the embedded stories")
+        raise MinimosaicError(f"{role} {path} {what}: {advice}")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise MinimosaicError(f"data file {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+        raise MinimosaicError(f"{role} {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
                               f"{e.start}): convert it, e.g. iconv -t UTF-8 {path.name}") from None
     if not text.strip():
-        raise MinimosaicError(f"data file {path} is empty: give a file with some text in it")
+        raise MinimosaicError(f"{role} {path} is empty: give a file with some text in it")
     return text
 
 
