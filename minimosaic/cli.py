@@ -194,8 +194,9 @@ def train(
                                        help="GPU: run each step eagerly; by default a run without dropout "
                                             "or grad-accum records its step once as a CUDA graph and "
                                             "replays it"),
-    time_limit: float = _opt("stop after this many seconds of training, with a last evaluation and "
-                             "checkpoint (0: no limit)", key="time_limit"),
+    time_limit: float = _opt("stop after this many seconds of training in this invocation, with a last "
+                             "evaluation and checkpoint (0: no limit; a resumed run gets a fresh budget)",
+                             key="time_limit"),
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
     plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
@@ -217,6 +218,9 @@ def train(
         result = trainer.train(model_config, config, corpus, resume=resume, logger=logger)
     finally:
         logger.close()
+    if result.start_step >= config.steps:
+        typer.echo(f"nothing to do: run finished at step {result.step}; raise --steps to continue")
+        return
     records = trainer.read_log(result.out)
     if records:
         png = plots.plot_losses(records, result.out / "loss.png",
@@ -228,6 +232,11 @@ def train(
         raise typer.Exit(130)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
     best = f"{result.best_val_loss:.4f}" if result.best_val_loss is not None else "n/a"
+    if result.time_limited:
+        typer.echo(f"stopped at the time limit ({config.time_limit:g} s of training) at step {result.step} of "
+                   f"{config.steps}: val_loss {val} (best {best}); continue with "
+                   f"`minimosaic train --out {result.out} --resume` (a fresh --time-limit each time)")
+        return
     typer.echo(f"done: step {result.step}, val_loss {val} (best {best}), {result.elapsed_s:.0f}s; "
                f"try `minimosaic sample {result.out}`")
 

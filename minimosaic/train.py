@@ -73,7 +73,7 @@ class TrainConfig:
     tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
     cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (fast/cuda_graph.py)
     plain: bool = False              # run the plain core, without the fast layer (minimosaic.fast)
-    time_limit: float = 0.0          # seconds of training after which the run stops (0: no limit)
+    time_limit: float = 0.0          # seconds of training in this invocation after which it stops (0: none)
     out: str = "runs/run"
 
     def validate(self):
@@ -234,6 +234,8 @@ class TrainResult:
     out: Path
     interrupted: bool = False
     elapsed_s: float = 0.0
+    start_step: int = 0              # the step this invocation started at (a resumed run: its checkpoint's)
+    time_limited: bool = False       # stopped by config.time_limit before config.steps
 
 
 def evaluate(model, batches, device):
@@ -548,7 +550,7 @@ def _train(model_config, config, data, resume, logger):
         logger.log(record)
 
     model.train()
-    interrupted = False
+    interrupted, time_limited, start_step = False, False, step
     with _deferred_interrupt() as interrupt:
         loop_start = interval_start = time.perf_counter()
         while step < config.steps:
@@ -561,8 +563,8 @@ def _train(model_config, config, data, resume, logger):
                 loss_mean, grad_norm = training_step(model, optimizer, batches, lr, config.grad_clip)
             step += 1
             pending.append((step, loss_mean, grad_norm, lr))
-            out_of_time = bool(config.time_limit) and (
-                elapsed + time.perf_counter() - loop_start >= config.time_limit)
+            out_of_time = bool(config.time_limit) and step < config.steps and (
+                time.perf_counter() - loop_start >= config.time_limit)  # a fresh budget per invocation
             evaluating = step % config.eval_interval == 0 or step == config.steps or out_of_time
             if evaluating or step % config.log_interval == 0:
                 record = summarize()  # before anything is saved: a non-finite loss never reaches a checkpoint
@@ -587,10 +589,11 @@ def _train(model_config, config, data, resume, logger):
                     save(LATEST)
                 break
             if out_of_time:  # --time-limit: this step was evaluated and saved above
+                time_limited = True
                 break
     elapsed += time.perf_counter() - loop_start
     result = TrainResult(model, step, val_loss, None if best_val == math.inf else best_val, out,
-                         interrupted, elapsed)
+                         interrupted, elapsed, start_step, time_limited)
     logger.end(result)
     return result
 

@@ -316,3 +316,24 @@ def test_resuming_on_another_text_says_the_text_changed(capsys, text_file, data_
                   "--out", out)[0] == 0
     result = invoke(capsys, "train", "--data", other, "--out", out, "--resume", "--steps", "4")
     assert_user_error(result, "the training text changed", "'stories' in the checkpoint, 'other' now")
+
+
+def test_a_time_limited_run_says_so_and_each_resume_gets_a_fresh_budget(capsys, text_file, data_dir, tmp_path):
+    """--time-limit is per invocation: a resumed run trains for its own budget, not one step."""
+    out = tmp_path / "timed"
+    args = ["train", "--data", text_file, *TINY, "--steps", "100000", "--eval-interval", "100000", "--out", out]
+    code, first, _ = invoke(capsys, *args, "--time-limit", "1")
+    assert code == 0 and "stopped at the time limit (1 s of training) at step" in first
+    first_step = int(first.split("at step ")[-1].split()[0])
+    code, second, _ = invoke(capsys, *args, "--time-limit", "1", "--resume")
+    second_step = int(second.split("at step ")[-1].split()[0])
+    assert code == 0 and "stopped at the time limit" in second and second_step > first_step + 5
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(capsys, text_file, data_dir, tmp_path):
+    out = tmp_path / "done"
+    args = ["train", "--data", text_file, *TINY, "--steps", "2", "--eval-interval", "2", "--out", out]
+    assert invoke(capsys, *args)[0] == 0
+    code, printed, _ = invoke(capsys, *args, "--resume")
+    assert code == 0 and printed.strip().splitlines()[-1] == (
+        "nothing to do: run finished at step 2; raise --steps to continue")

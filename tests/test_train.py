@@ -274,7 +274,7 @@ def test_default_preset_learns_more_than_character_frequencies(tmp_path):
 
 def test_time_limit_stops_the_run_with_a_last_evaluation_and_checkpoint(text_file, tmp_path):
     result = run(text_file, tmp_path / "timed", steps=10_000, eval_interval=1000, time_limit=1e-9)
-    assert result.step == 1 and not result.interrupted and result.val_loss is not None  # one step, evaluated
+    assert result.step == 1 and result.time_limited and not result.interrupted and result.val_loss is not None
     assert checkpoint.load_checkpoint(tmp_path / "timed", "latest")[1]["step"] == 1
     with pytest.raises(MinimosaicError, match="time-limit"):
         configs(text_file, tmp_path / "bad", time_limit=-1)
