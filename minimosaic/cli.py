@@ -266,11 +266,11 @@ def sample(
     directory: Path = _RUN,
     prompt: str = typer.Option("", "--prompt", "-p", help="text to continue", show_default="a newline"),
     prompt_file: Path = typer.Option(None, help="read the prompt from this UTF-8 file"),
-    max_new_tokens: int = typer.Option(500, help="tokens to generate per sample"),
-    temperature: float = typer.Option(0.8, help="softmax temperature: lower is more conservative, 0 always "
+    max_new_tokens: int = typer.Option(500, min=0, help="tokens to generate per sample"),
+    temperature: float = typer.Option(0.8, min=0.0, help="softmax temperature: lower is more conservative, 0 always "
                                       "picks the most likely token"),
-    top_k: int = typer.Option(None, help="sample among the k most likely tokens only", show_default="all"),
-    num_samples: int = typer.Option(1, help="independent samples"),
+    top_k: int = typer.Option(None, min=1, help="sample among the k most likely tokens only", show_default="all"),
+    num_samples: int = typer.Option(1, min=1, help="independent samples"),
     seed: int = typer.Option(1337, help="random seed (sample i uses seed + i)"),
     device: str = _DEVICE,
     plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
@@ -305,8 +305,8 @@ def evaluate(
                              show_default="the run's data"),
     data_dir: Path = typer.Option(None, help="where named datasets are cached",
                                   show_default="$MINIMOSAIC_DATA_DIR or ~/.cache/minimosaic"),
-    batch_size: int = typer.Option(None, help="windows per forward pass", show_default="the run's"),
-    max_batches: int = typer.Option(None, help="stop after this many batches",
+    batch_size: int = typer.Option(None, min=1, help="windows per forward pass", show_default="the run's"),
+    max_batches: int = typer.Option(None, min=1, help="stop after this many batches",
                                     show_default="the whole split"),
     per_position: bool = typer.Option(False, "--per-position", help="write the loss at each position of the "
                                       "context window to per_position.png and .csv in the run folder"),
@@ -350,7 +350,7 @@ def _token_label(tokenizer, token_id):
 def explain(
     directory: Path = _RUN,
     prompt: str = typer.Option(..., "--prompt", "-p", help="text to explain (short: a row per token)"),
-    top: int = typer.Option(3, help="retrievals shown per head"),
+    top: int = typer.Option(3, min=1, help="retrievals shown per head"),
     layer: list[int] = typer.Option(None, help="layers to show (repeat the option)", show_default="all"),
     heatmap: Path = typer.Option(None, help="also write the retrieval weights as a PNG heat map"),
     device: str = _DEVICE,
@@ -459,14 +459,14 @@ def bench(
     override: list[str] = typer.Option([], "--set", help="override a size, e.g. --set n_layer=2 "
                                                           "(repeatable)"),
     device: str = typer.Option("cpu", help="cpu or gpu"),
-    steps: int = typer.Option(15, help="timed training steps (after the warm-up)"),
-    warmup: int = typer.Option(3, help="untimed warm-up steps"),
+    steps: int = typer.Option(15, min=1, help="timed training steps (after the warm-up)"),
+    warmup: int = typer.Option(3, min=0, help="untimed warm-up steps"),
     reference_file: Path = typer.Option(None, help="a copy of the official nanoMosaics/mosaic_model.py "
                                                    "(needs torch); never commit it"),
     reference_gpt_file: Path = typer.Option(None, help="a copy of the official nanoMosaics/gpt_model.py"),
     generation: bool = typer.Option(True, help="also time generation with and without the cache"),
-    gen_context: int = typer.Option(512, help="context length reached by the generation benchmark"),
-    threads: int = typer.Option(None, help="BLAS/torch threads for both sides" + _default("NumPy's")),
+    gen_context: int = typer.Option(512, min=2, help="context length reached by the generation benchmark"),
+    threads: int = typer.Option(None, min=1, help="BLAS/torch threads for both sides" + _default("NumPy's")),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: TF32 tensor-core matmuls on both sides"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
                                        help="GPU: time our step eagerly, not replayed from a CUDA graph "

@@ -87,6 +87,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise MinimosaicError(f"{name.replace('_', '-')} is {value}: it must be a number >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise MinimosaicError(f"seed is {self.seed}: it must be an integer >= 0")
         if self.lr == 0:
             raise MinimosaicError("lr is 0: nothing would be learned; use e.g. --lr 1e-3")
         if self.level not in ("char", "token"):

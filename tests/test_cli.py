@@ -337,3 +337,29 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(capsys, text_file, 
     code, printed, _ = invoke(capsys, *args, "--resume")
     assert code == 0 and printed.strip().splitlines()[-1] == (
         "nothing to do: run finished at step 2; raise --steps to continue")
+
+
+NUMERIC_MISTAKES = [  # (command, its arguments before the option, option, a value it must refuse)
+    ("eval", "RUN", "--max-batches", "0"), ("eval", "RUN", "--max-batches", "-1"), ("eval", "RUN", "--batch-size", "0"),
+    ("explain", "RUN -p hi", "--top", "-2"), ("explain", "RUN -p hi", "--top", "0"),
+    ("sample", "RUN", "--max-new-tokens", "-1"), ("sample", "RUN", "--num-samples", "0"),
+    ("sample", "RUN", "--top-k", "0"), ("sample", "RUN", "--temperature", "-0.5"),
+    ("bench", "", "--steps", "0"), ("bench", "", "--warmup", "-1"), ("bench", "", "--threads", "0"),
+    ("bench", "", "--gen-context", "1"), ("train", "", "--seed", "-1"), ("train", "", "--steps", "0"),
+    ("train", "", "--batch-size", "0"), ("train", "", "--n-layer", "0"), ("train", "", "--dropout", "1.5"),
+]
+
+
+@pytest.mark.parametrize("command, before, option, value", NUMERIC_MISTAKES,
+                         ids=[f"{c}{o}={v}" for c, _, o, v in NUMERIC_MISTAKES])
+def test_every_numeric_option_refuses_a_value_that_cannot_work(capsys, trained, data_dir, tmp_path,
+                                                               command, before, option, value):
+    """One line naming the option, exit code 2, and no fake result (eval --max-batches 0 printed
+    'loss 0.0000 | perplexity 1.000' with exit 0)."""
+    args = [trained if word == "RUN" else word for word in before.split()]
+    extra = ["--out", tmp_path / "never"] if command == "train" else []
+    code, out, err = invoke(capsys, command, *args, option, value, *extra)
+    name = option.lstrip("-")
+    assert_user_error((code, out, err), )
+    assert option in err or name in err or name.replace("-", "_") in err, err
+    assert "loss" not in out and not (tmp_path / "never" / "latest.npz").exists()
