@@ -118,6 +118,9 @@ class ConsoleLogger(trainer.TrainLogger):
             f"out      {t['out']}"
             + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
         ]
+        if info.get("stale_files"):
+            lines.append(f"cleaned  {info['stale_files']} temporary file(s) of an interrupted save "
+                         f"({info['stale_bytes'] / 2**20:.1f} MiB freed)")
         for line in lines:
             typer.echo(line)
         self.total = t["steps"]

@@ -31,6 +31,11 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +175,9 @@ def resolve_run(preset=None, overrides=None, resume=False):
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     out = given.get("out") or default_out(given.get("model", "mosaic"), given.get("level", "char"),
                                           given.get("data"))
+    if Path(out).expanduser().is_dir():
+        with run_folder_lock(Path(out).expanduser()):  # a run training there now: say so first
+            pass
     if resume:
         meta = read_run_meta(out)
         saved_model = {k: v for k, v in meta["model_config"].items() if k != "vocab_size"}
@@ -214,7 +222,8 @@ class TrainLogger:
     def begin(self, info):
         """Once before the first step. info: model_config, train_config (dicts), n_params, start_step,
         dataset, train_tokens, val_tokens, tokens_per_step, step_mode ('CUDA graph' or 'eager (why)'),
-        core ('fast layer' or 'plain core')."""
+        core ('fast layer' or 'plain core'), stale_files and stale_bytes (temporaries of an interrupted
+        save that were removed)."""
 
     def log(self, record):
         """One record per log interval: step, loss, lr, grad_norm, tokens, tokens_per_s, elapsed_s,
@@ -401,6 +410,54 @@ def prepare_out(out, resume=False):
     return out
 
 
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def run_folder_lock(out):
+    """Hold an OS lock on <out>/run.lock while a run trains: a second run on the same folder is refused
+    (MinimosaicError naming the holder's PID). The OS drops the lock when the holder dies, even by
+    kill -9, so no stale lock ever blocks a resume. (No lock where there is no fcntl, i.e. Windows.)"""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK_FILE, "a+")
+    except OSError as e:
+        raise MinimosaicError(f"cannot write to output folder {out} ({e.strerror or e}): "
+                              f"pick another --out") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                raise MinimosaicError(f"{out} is in use by another training run (PID {holder}): wait for it "
+                                      f"to finish or stop it, or pick another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing drops the lock
+
+
+def remove_stale_temporaries(out):
+    """Delete what a killed run left behind: half-written checkpoints (.latest.npz.*.tmp, .best.npz.*.tmp)
+    and the log's rewrite (log.tmp). Only call it while holding the folder's lock. Returns (files, bytes)."""
+    out = Path(out)
+    stale = [p for name in (LATEST, BEST) for p in out.glob(f".{name}.npz.*.tmp")]
+    stale += [p for p in [out / "log.tmp"] if p.exists()]
+    freed = 0
+    for path in stale:
+        with contextlib.suppress(OSError):
+            size = path.stat().st_size
+            path.unlink()
+            freed += size
+    return len(stale), freed
+
+
 def _keep_log_until(path, step):
     """Drop log records after `step` (written after the checkpoint a run resumes from)."""
     kept = []
@@ -450,7 +507,7 @@ def train(model_config, config, data, resume=False, logger=None):
     from . import fast
 
     config.validate()
-    with fast.enabled(not (config.plain or fast.plain_requested())):
+    with run_folder_lock(Path(config.out).expanduser()), fast.enabled(not (config.plain or fast.plain_requested())):
         return _train(model_config, config, data, resume, logger or TrainLogger())
 
 
@@ -468,6 +525,7 @@ def _train(model_config, config, data, resume, logger):
     check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
     out = prepare_out(config.out, resume)
     latest = checkpoint_path(out, LATEST)
+    stale_files, stale_bytes = remove_stale_temporaries(out)
 
     nn.manual_seed(config.seed)
     model = build_model(model_config).to(device)
@@ -509,6 +567,7 @@ def _train(model_config, config, data, resume, logger):
         graphed = GraphedTrainingStep(model, optimizer, config.grad_clip)
     logger.begin(dict(step_mode="CUDA graph" if graphed else f"eager ({why_eager})",
                       core="fast layer" if fast.is_enabled() else "plain core",
+                      stale_files=stale_files, stale_bytes=stale_bytes,
                       model_config=meta_common["model_config"], train_config=meta_common["train_config"],
                       n_params=meta_common["n_params"], start_step=step, dataset=data.name,
                       train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),

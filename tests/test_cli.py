@@ -363,3 +363,42 @@ def test_every_numeric_option_refuses_a_value_that_cannot_work(capsys, trained, 
     assert_user_error((code, out, err), )
     assert option in err or name in err or name.replace("-", "_") in err, err
     assert "loss" not in out and not (tmp_path / "never" / "latest.npz").exists()
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_kill_9_leaves_no_stale_lock(
+        capsys, text_file, data_dir, tmp_path):
+    """Two trainings into one --out: the second exits 2 naming the first's PID (it used to overwrite the
+    first's checkpoints and interleave their logs). After the first is killed with SIGKILL, its run
+    resumes: the OS dropped the lock."""
+    import os
+    import signal
+    import time
+    out = tmp_path / "shared"
+    args = ["train", "--data", str(text_file), *TINY, "--steps", "100000", "--eval-interval", "5", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "minimosaic.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "MINIMOSAIC_DATA_DIR": str(data_dir)})
+    try:
+        deadline = time.time() + 120
+        while not (out / "latest.npz").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / "latest.npz").exists(), "the first run wrote no checkpoint"
+        a_gpt_into_it = invoke(capsys, "train", "--data", text_file, *TINY, "--model", "gpt", "--out", out)
+        a_resume_of_it = invoke(capsys, "train", "--out", out, "--resume", "--steps", "100001")
+        for result in (a_gpt_into_it, a_resume_of_it):
+            assert_user_error(result, f"is in use by another training run (PID {first.pid})")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    code, printed, err = invoke(capsys, "train", "--out", out, "--resume", "--steps", "100000", "--time-limit", "0.5")
+    assert code == 0, err
+
+
+def test_temporaries_of_an_interrupted_save_are_removed_and_reported(capsys, text_file, data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", text_file, *TINY, "--steps", "2", "--eval-interval", "2", "--out", out]
+    assert invoke(capsys, *args)[0] == 0
+    (out / ".best.npz.k9x2.tmp").write_bytes(b"\0" * 300_000)  # what kill -9 during a save leaves
+    (out / "log.tmp").write_bytes(b"")
+    code, printed, _ = invoke(capsys, *args[:-4], "--steps", "4", "--eval-interval", "2", "--out", out, "--resume")
+    assert code == 0 and "cleaned  2 temporary file(s) of an interrupted save (0.3 MiB freed)" in printed
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
