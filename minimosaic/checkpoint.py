@@ -77,6 +77,7 @@ def save_checkpoint(directory, name, arrays, meta):
             _write_npz(f, arrays, header_bytes)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
         tmp = None
         _fsync_directory(path.parent)  # makes the rename itself survive a power cut
@@ -88,6 +89,12 @@ def save_checkpoint(directory, name, arrays, meta):
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory):

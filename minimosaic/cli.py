@@ -118,6 +118,9 @@ class ConsoleLogger(trainer.TrainLogger):
             f"out      {t['out']}"
             + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
         ]
+        if t["steps"] < t["warmup"]:
+            lines.append(f"warning  --steps {t['steps']} is below --warmup {t['warmup']}: the learning rate "
+                         f"never reaches its peak {t['lr']:g}")
         if info.get("stale_files"):
             lines.append(f"cleaned  {info['stale_files']} temporary file(s) of an interrupted save "
                          f"({info['stale_bytes'] / 2**20:.1f} MiB freed)")
@@ -168,7 +171,7 @@ def train(
     vocab_size: int = _opt("BPE vocabulary size to learn (level token, tokenizer bpe)", key="vocab_size"),
     data: str = _opt("a UTF-8 text file or a named dataset (see `minimosaic data`)",
                      shown="the embedded stories"),
-    data_dir: Path = _opt("where named datasets and encoded ids are cached",
+    data_dir: Path = _opt("where named datasets are cached (encoded ids: ~/.cache/minimosaic/encoded)",
                           shown="$MINIMOSAIC_DATA_DIR or ~/.cache/minimosaic"),
     preset: str = _opt(f"model size and training settings: {', '.join(trainer.PRESETS)}",
                        shown="char-tiny for char, tok-small for token"),
@@ -215,6 +218,8 @@ def train(
     overrides.update(out=out and str(out), plain=plain or None)
     model_config, config, resume_meta = trainer.resolve_run(preset, overrides, resume)
     corpus = trainer.prepare_data(config, data_dir, resume_meta=resume_meta)
+    for note in corpus.notes:
+        typer.echo(f"note: {note}", err=True)
     model_config.vocab_size = corpus.tokenizer.vocab_size
     logger = ConsoleLogger()
     try:
@@ -324,6 +329,8 @@ def evaluate(
     if data is not None:
         config.data = data
     corpus = trainer.prepare_data(config, data_dir, tokenizer=tokenizer)
+    for note in corpus.notes:
+        typer.echo(f"note: {note}", err=True)
     block = model.config.block_size
     loss, by_position = trainer.loss_by_position(model, corpus.val_ids, block,
                                                  batch_size or config.batch_size,

@@ -154,6 +154,7 @@ class Data:
     name: str            # 'stories', 'shakespeare', or a file's stem
     source: str | None   # what was asked for (a path or a name; None for the embedded stories)
     text_sha256: str     # so a resumed run can tell that it is given the same text
+    notes: list = dataclasses.field(default_factory=list)  # what the user should know (a rebuilt cache)
 
 
 def default_out(model, level, data):
@@ -210,10 +211,10 @@ def prepare_data(config, data_dir=None, tokenizer=None, resume_meta=None):
         tokenizer = tokenizer_from_spec(resume_meta["tokenizer"])
     if tokenizer is None:
         tokenizer = build_tokenizer(config.level, text, config.tokenizer, config.vocab_size)
-    cache = Path(data_dir).expanduser() / "encoded" if data_dir is not None else None
-    train_ids, val_ids = encode_dataset(text, tokenizer, cache_dir=cache)
+    notes = []
+    train_ids, val_ids = encode_dataset(text, tokenizer, notes=notes)  # cached in the user's cache folder
     sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return Data(tokenizer, train_ids, val_ids, name, config.data, sha)
+    return Data(tokenizer, train_ids, val_ids, name, config.data, sha, notes)
 
 
 class TrainLogger:

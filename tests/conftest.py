@@ -20,6 +20,20 @@ gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAVE_GPU, reason=GPU_SKIP_RE
 DEVICES = ["cpu", pytest.param("gpu", marks=gpu_only, id="gpu")]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_folder(tmp_path_factory):
+    """The encoded-id cache (and anything else under $XDG_CACHE_HOME) goes to a folder of this test
+    session, never into the user's ~/.cache."""
+    import os
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
+
+
 @pytest.fixture(autouse=True)
 def plain_core():
     """Every test starts on the plain core (a test, or the CLI it calls, may enable the fast layer), and

@@ -127,3 +127,13 @@ def test_unknown_format_version_is_refused(tmp_path, monkeypatch):
     monkeypatch.undo()
     with pytest.raises(MinimosaicError, match="format_version 2 but this minimosaic reads version 1"):
         load_checkpoint(tmp_path, "future")
+
+
+def test_checkpoints_take_the_umask_mode_like_any_file(tmp_path):
+    """mkstemp makes its temp file 0600; the checkpoint it becomes gets the ordinary 0666 & ~umask."""
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path, "latest", {"w": np.zeros(3, np.float32)}, {"step": 1})
+    finally:
+        os.umask(old)
+    assert (os.stat(path).st_mode & 0o777) == 0o644

@@ -402,3 +402,24 @@ def test_temporaries_of_an_interrupted_save_are_removed_and_reported(capsys, tex
     code, printed, _ = invoke(capsys, *args[:-4], "--steps", "4", "--eval-interval", "2", "--out", out, "--resume")
     assert code == 0 and "cleaned  2 temporary file(s) of an interrupted save (0.3 MiB freed)" in printed
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+
+def test_steps_below_the_warmup_are_warned_about(capsys, text_file, data_dir, tmp_path):
+    code, out, _ = invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "1", "--eval-interval", "1",
+                          "--out", tmp_path / "short")
+    assert code == 0 and ("warning  --steps 1 is below --warmup 2: the learning rate never reaches its peak"
+                          in out)
+
+
+def test_the_encoded_id_cache_is_the_same_folder_with_or_without_data_dir(capsys, text_file, tmp_path,
+                                                                          monkeypatch):
+    """--data-dir and $MINIMOSAIC_DATA_DIR used to differ: one wrote encoded/ into the data folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for i, how in enumerate(("option", "environment")):
+        extra = ["--data-dir", tmp_path / "data"] if how == "option" else []
+        if how == "environment":
+            monkeypatch.setenv("MINIMOSAIC_DATA_DIR", str(tmp_path / "data"))
+        assert invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "1", "--eval-interval", "1",
+                      "--warmup", "0", "--out", tmp_path / f"run{i}", *extra)[0] == 0
+    assert not (tmp_path / "data" / "encoded").exists()
+    assert len(list((tmp_path / "cache" / "minimosaic" / "encoded").glob("*.npy"))) == 1

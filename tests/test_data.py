@@ -284,8 +284,9 @@ def test_encode_dataset_split_dtype_and_cache(tmp_path, stories):
     train, val = data.encode_dataset(stories, tok, cache_dir=tmp_path)
     assert train.dtype == np.uint16 and len(val) == round(len(stories) * 0.1)
     assert np.array_equal(np.concatenate([train, val]), tok.encode_array(stories))  # val is the tail
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith("char-") and files[0].endswith(".npy")
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].startswith("char-") and files[0].endswith(".json")
+    assert files[1] == files[0][:-5] + ".npy"  # the ids, and the record of their checksum beside them
 
     def no_encoding(text):
         raise AssertionError("encoded again instead of using the cache")
@@ -294,7 +295,33 @@ def test_encode_dataset_split_dtype_and_cache(tmp_path, stories):
     assert isinstance(train2, np.memmap) and np.array_equal(train2, train) and np.array_equal(val2, val)
     other = data.build_tokenizer("char", stories + "~")  # another spec: another cache entry
     data.encode_dataset(stories, other, cache_dir=tmp_path)
-    assert len(os.listdir(tmp_path)) == 2
+    assert len(os.listdir(tmp_path)) == 4
+
+
+@pytest.mark.parametrize("damage", ["flip bytes", "drop the record", "truncate"])
+def test_a_damaged_cache_entry_is_rebuilt_said_and_never_trained_on(tmp_path, stories, damage):
+    """Flipped bytes in a cached .npy used to be trained on (and fail 10-20 steps later with 'token ids
+    must lie in [0, V)'); now the entry is checked against its record, encoded again, and reported."""
+    tok = data.build_tokenizer("char", stories)
+    good = np.concatenate(data.encode_dataset(stories, tok, cache_dir=tmp_path))
+    npy = next(tmp_path.glob("*.npy"))
+    raw = bytearray(npy.read_bytes())
+    if damage == "flip bytes":
+        raw[-200:-100] = bytes(b ^ 0x5A for b in raw[-200:-100])
+        npy.write_bytes(bytes(raw))
+    elif damage == "drop the record":
+        npy.with_suffix(".json").unlink()
+    else:
+        npy.write_bytes(bytes(raw[: len(raw) // 2]))
+    notes = []
+    again = np.concatenate(data.encode_dataset(stories, tok, cache_dir=tmp_path, notes=notes))
+    assert np.array_equal(again, good)
+    why = {"flip bytes": "does not match its checksum", "truncate": "cannot be read",
+           "drop the record": "has no checksum record (an older minimosaic wrote it, or the record is damaged)"}
+    assert notes == [f"the encoded-id cache {npy} {why[damage]}: encoded the text again"]
+    notes = []
+    data.encode_dataset(stories, tok, cache_dir=tmp_path, notes=notes)  # rewritten: trusted again
+    assert notes == []
 
 
 class _BigVocab(data.Tokenizer):

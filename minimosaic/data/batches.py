@@ -25,32 +25,57 @@ def _cache_key(text, tokenizer):
     return digest.hexdigest()
 
 
-def encode_dataset(text, tokenizer, cache_dir=None, val_fraction=VAL_FRACTION):
+def _ids_digest(ids):
+    return hashlib.sha256(np.ascontiguousarray(ids).tobytes()).hexdigest()
+
+
+def _load_cached(path, vocab_size):
+    """(ids, None) if the cached ids at `path` are what was saved (their sha256 and length match the
+    record beside them, and every id is in the vocabulary), else (None, why not)."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None, "has no checksum record (an older minimosaic wrote it, or the record is damaged)"
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None, "cannot be read"
+    if (record.get("length") != len(ids) or record.get("sha256") != _ids_digest(ids)
+            or (len(ids) and int(ids.max()) >= vocab_size)):
+        return None, "does not match its checksum"
+    return ids, None
+
+
+def encode_dataset(text, tokenizer, cache_dir=None, val_fraction=VAL_FRACTION, notes=None):
     """(train_ids, val_ids): the whole text encoded, the LAST `val_fraction` (10%) as validation.
 
     The ids are cached as `<cache_dir>/<kind>-<hash>.npy` (default cache_dir: `user_cache_dir()/encoded`,
-    writable even when the data directory is read-only),
-    keyed by the sha256 of the text and the tokenizer spec, so a second run loads them (memory-mapped)
-    instead of tokenising again. uint16 when the vocabulary fits, else uint32. If the cache directory
-    cannot be written, the ids are simply not cached.
+    writable even when the data directory is read-only), keyed by the sha256 of the text and the
+    tokenizer spec, so a second run loads them (memory-mapped) instead of tokenising again, with a
+    record beside them (`.json`: their sha256 and length). An entry that does not match its record is
+    never trained on: it is encoded again and rewritten, and a line saying so is appended to `notes`.
+    uint16 when the vocabulary fits, else uint32. If the cache directory cannot be written, the ids are
+    simply not cached.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else user_cache_dir() / "encoded"
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     path = cache_dir / f"{tokenizer.spec()['kind']}-{_cache_key(text, tokenizer)[:32]}.npy"
     ids = None
     if path.is_file():
-        try:
-            ids = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError):  # a damaged cache file: encode again and overwrite it
-            ids = None
+        ids, why_not = _load_cached(path, tokenizer.vocab_size)
+        if ids is None and notes is not None:
+            notes.append(f"the encoded-id cache {path} {why_not}: encoded the text again")
     if ids is None:
         ids = tokenizer.encode_array(text).astype(dtype)
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, ids, allow_pickle=False)
-            os.replace(tmp, path)
+            for target, write in ((path, lambda f: np.save(f, ids, allow_pickle=False)),
+                                  (path.with_suffix(".json"), lambda f: f.write(json.dumps(
+                                      {"sha256": _ids_digest(ids), "length": len(ids)}).encode()))):
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+                with os.fdopen(fd, "wb") as f:
+                    write(f)
+                os.replace(tmp, target)
         except OSError:
             pass
     split = len(ids) - int(round(len(ids) * val_fraction))
