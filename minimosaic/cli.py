@@ -11,6 +11,7 @@ User mistakes raise MinimosaicError (or are usage errors); `main()` prints one l
 """
 import csv
 import dataclasses
+import errno
 import math
 import sys
 from enum import Enum
@@ -512,6 +513,12 @@ def main(argv=None):
         code = 1
     except MinimosaicError as error:
         typer.echo(f"error: {error}", err=True)
+        code = 2
+    except OSError as error:  # a write the commands make (a plot, a CSV) failed: full disk, permissions
+        where = f" {error.filename}" if error.filename else ""
+        advice = ("free some space on that disk, or write elsewhere" if error.errno == errno.ENOSPC
+                  else "check the path and its permissions")
+        typer.echo(f"error: cannot write{where} ({error.strerror or error}): {advice}", err=True)
         code = 2
     sys.exit(code if isinstance(code, int) else 0)
 

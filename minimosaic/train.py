@@ -469,8 +469,13 @@ def _keep_log_until(path, step):
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MinimosaicError(f"cannot rewrite {path} ({e.strerror or e}): free some space on that disk, "
+                              f"then resume again") from None
 
 
 @contextlib.contextmanager
@@ -607,8 +612,17 @@ def _train(model_config, config, data, resume, logger):
         return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
 
     def write(record):
-        with open(out / LOG_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(out / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: keep the step just trained if a checkpoint still fits
+            try:
+                save(LATEST)
+                kept = f"saved step {step} in {latest}"
+            except MinimosaicError:
+                kept = f"no checkpoint fits either; {last_good()}"
+            raise MinimosaicError(f"cannot append to {out / LOG_FILE} ({e.strerror or e}): {kept}. Free some "
+                                  f"space, then continue with --resume") from None
         logger.log(record)
 
     model.train()
