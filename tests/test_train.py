@@ -349,3 +349,26 @@ def test_train_runs_on_the_fast_layer_unless_plain_and_restores_it(text_file, tm
         assert not fast.is_enabled()
         results[plain] = [loss for _, loss, _ in losses(tmp_path / f"plain{plain}")]
     np.testing.assert_allclose(results[False], results[True], rtol=2e-3)
+
+
+def test_resume_on_two_threads_is_bitwise_the_uninterrupted_run_on_one_through_the_fast_layer(text_file, tmp_path,
+                                                                                    monkeypatch):
+    """CPU training is reproducible whatever the threads do: with the tiled attention cut into many tiles,
+    a run interrupted and resumed on 2 threads ends with the weights of an uninterrupted run on 1 thread,
+    bit for bit."""
+    from minimosaic.fast import cpu
+    from minimosaic.fast import ops as fast_ops
+    monkeypatch.setattr(fast_ops, "TILE_SCORES", 64)
+    monkeypatch.setattr(fast_ops, "SMALL_ATTENTION", 0)
+    settings = dict(steps=8, eval_interval=4)
+    try:
+        cpu.set_cpu_workers(1)
+        straight = run(text_file, tmp_path / "straight", **settings)  # one thread, uninterrupted
+        cpu.set_cpu_workers(2)
+        run(text_file, tmp_path / "stopped", logger=InterruptAt(3), **settings)
+        resumed = run(text_file, tmp_path / "stopped", resume=True, **settings)  # two, interrupted
+    finally:
+        cpu.set_cpu_workers(None)
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        np.testing.assert_array_equal(a.data, b.data, err_msg=name)

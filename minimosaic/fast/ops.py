@@ -263,11 +263,17 @@ def _tiled_attention(q, k, v, mask, scale):
 
     cpu.parallel_tiles(forward_tile, len(tiles), workers)
 
+    row_starts = sorted({r0 for _, _, r0, _, _ in tiles})
+    part_of = {r0: i for i, r0 in enumerate(row_starts)}
+
     def backward(g):
         g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
         dq = np.zeros_like(qs)
-        dk = np.zeros((workers,) + kf.shape, q.dtype)  # one accumulator per thread: blocks share keys
-        dvs = np.zeros((workers,) + vf.shape, q.dtype)
+        # Blocks of rows share keys: each block of rows adds into its own accumulator, summed in a fixed
+        # order at the end, so the result does not depend on which thread ran which tile (bitwise the
+        # same for any number of threads, and from one run to the next).
+        dk = np.zeros((len(row_starts),) + kf.shape, q.dtype)
+        dvs = np.zeros((len(row_starts),) + vf.shape, q.dtype)
         # -lse rides along as one more column of the queries, against a column of ones on the keys:
         # the product then gives s - lse directly, one pass over each tile of scores fewer.
         q_lse = np.concatenate([qs, -lse], axis=-1)
@@ -281,12 +287,13 @@ def _tiled_attention(q, k, v, mask, scale):
             if bias is not None:
                 p += bias[r0:r1, :kend]
             np.exp(p, out=p)                                                     # P, (G, rows, kend)
-            dvs[worker, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
+            part = part_of[r0]
+            dvs[part, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
             ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
             ds -= np.einsum("gij,gij->gi", ds, p)[..., None]                     # dP - rowsum(dP * P)
             ds *= p                                                              # dS / scale
             dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
-            dk[worker, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
+            dk[part, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
 
         cpu.parallel_tiles(backward_tile, len(tiles), workers)
         if scale != 1.0:
