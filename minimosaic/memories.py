@@ -24,9 +24,9 @@ Each op below is written as the maths: a forward and its backward side by side, 
 NumPy/CuPy (the leaky average as its recurrence, kernel smoothing as a masked softmax times the values).
 Functions marked @replaceable may be swapped for a faster equivalent by minimosaic.fast (registry.py).
 
-Per-head scalars train 10x faster (like the official code): each is stored divided by FAST = 10 and
-used as FAST * stored. Adam's step size is about lr in stored units whatever the gradient's scale, so
-the used value moves FAST * lr per step. Stored values in the tables below are thus value / 10.
+Per-head scalars train 10x faster (like the official code): each is stored divided by EXP_SCALING = 10
+and used as EXP_SCALING * stored. Adam's step size is about lr in stored units whatever the gradient's
+scale, so the used value moves EXP_SCALING * lr per step. Stored values in the tables below are value / 10.
 
 Parameters (names relative to the memory, as in state_dict; d = n_embd, H = n_head, hs = d / H):
   KeyExtractor   W_k.weight (d, d)   key projection, x @ W_k (W_k.bias (d,) when bias=True)
@@ -53,7 +53,7 @@ from .backend import get_array_module
 from .registry import replaceable
 from .tensor import Tensor, make_result, no_grad
 
-FAST = 10.0                              # per-head scalars are stored as value / FAST (see above)
+EXP_SCALING = 10.0   # per-head scalars are stored as value / EXP_SCALING (the official code's exp_scaling)
 LOG_SCALE_MAX = math.log(2 ** 16 - 1)    # key scales stay finite in float16
 NORM_EPS = 1e-10
 
@@ -178,11 +178,11 @@ def normalize(x, scale=None, eps=NORM_EPS):
 # Each is one op (forward and backward side by side) rather than a chain of three or four tiny ones: on a
 # GPU a small model's step is bound by the number of ops it issues.
 def head_decay(rate):
-    """lambda_h = exp(-|FAST r_h|) for stored leak rates r (H,).   dlambda/dr = -FAST sign(r) lambda."""
+    """lambda_h = exp(-|E r_h|) for stored leak rates r (H,), E = EXP_SCALING.   dlambda/dr = -E sign(r) lambda."""
     xp = rate.xp
-    z = rate.data * FAST
+    z = rate.data * EXP_SCALING
     out = xp.exp(-xp.abs(z))
-    return make_result(out, (rate,), lambda g: (g * out * xp.sign(z) * -FAST,))
+    return make_result(out, (rate,), lambda g: (g * out * xp.sign(z) * -EXP_SCALING,))
 
 
 def head_scale(log_scale, factor, max_log=None):
@@ -219,8 +219,8 @@ def project(linear, x):
 
 
 def _per_head_scalar(values):
-    """A float32 Parameter holding values / FAST (the 10x-faster storage)."""
-    return nn.Parameter((np.asarray(values, dtype=np.float64) / FAST).astype(np.float32))
+    """A float32 Parameter holding values / EXP_SCALING (the 10x-faster storage)."""
+    return nn.Parameter((np.asarray(values, dtype=np.float64) / EXP_SCALING).astype(np.float32))
 
 
 class KeyExtractor(nn.Module):
@@ -237,12 +237,12 @@ class KeyExtractor(nn.Module):
         self.log_scale = _per_head_scalar(np.ones(n_head))
 
     def decay(self):
-        """lambda_h = exp(-b_h), b_h = |FAST leak_rate| >= 0.   (H,)"""
+        """lambda_h = exp(-b_h), b_h = |EXP_SCALING leak_rate| >= 0.   (H,)"""
         return head_decay(self.leak_rate)
 
     def scale(self):
-        """s_h^p = exp(min(p FAST log_scale, log(2^16 - 1))), shaped (H, 1, 1) to scale (B, H, T, hs)."""
-        return head_scale(self.log_scale, FAST * self.scale_power, LOG_SCALE_MAX)
+        """s_h^p = exp(min(p EXP_SCALING log_scale, log(2^16 - 1))), shaped (H, 1, 1) to scale (B, H, T, hs)."""
+        return head_scale(self.log_scale, EXP_SCALING * self.scale_power, LOG_SCALE_MAX)
 
     def forward(self, x, cache=None):
         decay = self.decay()
@@ -278,7 +278,7 @@ class ValueExtractor(nn.Module):
                 vtilde = ops.concatenate([Tensor(cache["vtilde"]), vtilde], axis=2)
             cache["vtilde"] = last
         v = peek_ahead(vtilde, self.peek)
-        return normalize(v, head_scale(self.log_scale, FAST))
+        return normalize(v, head_scale(self.log_scale, EXP_SCALING))
 
 
 # ---------------------------------------------------------------- the two memories
@@ -343,7 +343,7 @@ class PersistentMemory(nn.Module):
         H = self.n_head
         y = softmax_attention(self._queries(x, cache), self.P_k, self.P_v,       # (banks, H, B*T, hs)
                               dropout=self.dropout if self.training else 0.0)
-        y = y.mean(axis=0) * head_scale(self.log_scale, FAST)                    # (H, B*T, hs)
+        y = y.mean(axis=0) * head_scale(self.log_scale, EXP_SCALING)                    # (H, B*T, hs)
         y = ops.transpose(y.reshape(H, B, T, C // H), (1, 0, 2, 3))              # (B, H, T, hs)
         return self.W_o(merge_heads(y)).reshape(B, T, C)
 

@@ -172,7 +172,7 @@ def test_normalize_with_a_per_head_scale_equals_primitives_and_gradcheck(rng):
 
 def test_per_head_scalars_equal_their_op_chains_and_gradcheck(rng):
     rate = Tensor(rng.choice([-1.0, 1.0], 4) * rng.uniform(0.02, 0.5, 4), requires_grad=True)
-    assert_same_op(mm.head_decay, lambda r: ops.exp(-ops.abs(r * mm.FAST)), [rate], rng)
+    assert_same_op(mm.head_decay, lambda r: ops.exp(-ops.abs(r * mm.EXP_SCALING)), [rate], rng)
     gradcheck(mm.head_decay, [rate])
     log_scale = Tensor(np.array([-0.3, 0.1, 0.25, 0.9]), requires_grad=True)  # the last one is clipped
     for max_log in (None, 5.0):
@@ -198,7 +198,7 @@ def test_key_extractor_gradcheck_and_unit_keys(rng):
     x = rand_tensor((2, 5, 8), rng=rng)
     check_module(key, x)
     k = key(x).data
-    s = np.exp(2 * mm.FAST * key.log_scale.data)
+    s = np.exp(2 * mm.EXP_SCALING * key.log_scale.data)
     np.testing.assert_allclose(np.linalg.norm(k, axis=-1), np.broadcast_to(s[None, :, None], k.shape[:3]),
                                rtol=1e-9)
 
@@ -206,7 +206,7 @@ def test_key_extractor_gradcheck_and_unit_keys(rng):
 def test_key_extractor_leak_rates_init_and_log_scale_clamp():
     nn.manual_seed(0)
     key = mm.KeyExtractor(12, 3)
-    np.testing.assert_allclose(mm.FAST * key.leak_rate.data, [0.5, 2.75, 5.0], rtol=1e-6)
+    np.testing.assert_allclose(mm.EXP_SCALING * key.leak_rate.data, [0.5, 2.75, 5.0], rtol=1e-6)
     key.log_scale.data[:] = 100.0  # way past the float16 limit
     assert np.all(key.scale().data <= 2 ** 16 - 1 + 1e-2) and np.all(np.isfinite(key.scale().data))
 
@@ -277,9 +277,9 @@ def test_memories_stay_float32(rng):
 def test_per_head_scalars_are_stored_divided_by_fast():
     nn.manual_seed(0)
     ctx, pmem = mm.ContextMemory(8, 2), mm.PersistentMemory(8, 2, pmem_size=4)
-    np.testing.assert_allclose(mm.FAST * ctx.key.log_scale.data, 1.0, rtol=1e-6)
-    np.testing.assert_allclose(mm.FAST * ctx.value.log_scale.data, -0.5, rtol=1e-6)
-    np.testing.assert_allclose(mm.FAST * pmem.log_scale.data, -0.5, rtol=1e-6)
+    np.testing.assert_allclose(mm.EXP_SCALING * ctx.key.log_scale.data, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(mm.EXP_SCALING * ctx.value.log_scale.data, -0.5, rtol=1e-6)
+    np.testing.assert_allclose(mm.EXP_SCALING * pmem.log_scale.data, -0.5, rtol=1e-6)
     assert np.all((ctx.value.peek.data >= 0) & (ctx.value.peek.data <= 1))
 
 

@@ -316,7 +316,7 @@ def test_float32_gradients_of_a_saturated_context_head_match_float64(fast_on):
     (the flash identity rowsum(dP * P) = g . y does): float32 gradients stay within 1e-3 of the float64
     ones, relative to the largest gradient in the model."""
     from minimosaic import fast
-    from minimosaic.memories import FAST
+    from minimosaic.memories import EXP_SCALING
     config = ModelConfig(vocab_size=65, n_layer=2, n_head=4, n_embd=64, block_size=48)
     ids = np.random.default_rng(0).integers(0, 65, (4, 49))
     grads = {}
@@ -324,7 +324,7 @@ def test_float32_gradients_of_a_saturated_context_head_match_float64(fast_on):
         for dtype in (np.float32, np.float64):
             nn.manual_seed(0)
             model = build_model(config).to(dtype=dtype)
-            model.blocks[0].context.key.log_scale.data[1] = 11.0 / FAST
+            model.blocks[0].context.key.log_scale.data[1] = 11.0 / EXP_SCALING
             model.loss(ids[:, :-1], ids[:, 1:]).backward()
             grads[dtype] = {name: p.grad.astype(np.float64) for name, p in model.named_parameters()}
     largest = max(np.abs(g).max() for g in grads[np.float64].values())
