@@ -31,12 +31,18 @@ import math
 
 import numpy as np
 
+from _check import expect, figure, promise_figures, show
+
+promise_figures("difference_error_vs_step")
+
 # %% [markdown]
 # ## A self-check helper
 #
 # Every lesson compares what we compute with a trusted reference and prints the comparison, so you
 # always see *where* you are right: exactly equal, approximately equal, and by how much at most.
 # Here it is, written out once; later lessons import the same function from `lessons/_check.py`.
+# (From there we already take `expect`, its twin for yes/no facts, and the helpers that draw and save
+# the figures.)
 
 # %%
 def check(name, ours, reference, atol=1e-6, rtol=1e-5):
@@ -109,6 +115,73 @@ check("forward-difference error = 3h at h = 1e-3", errors[3][0], 3e-3, rtol=1e-6
 assert errors[3][1] < errors[3][0], "central beats forward at h = 1e-3"
 assert errors[12][0] > errors[7][0], "at h = 1e-12 rounding error has taken over"
 print("central difference beats forward at h = 1e-3; rounding dominates at h = 1e-12")
+
+# %% [markdown]
+# ### The error against $h$, drawn
+#
+# The quadratic is too kind to the central difference: its $h^2$ term is zero. Take $g(x) = \sin x$
+# at $x = 1$ instead, where every derivative is alive, and sweep $h$ from $10^{-15}$ to $1$. On log-log
+# axes a power law $C h^p$ is a straight line of slope $p$, so each error curve is a **V**:
+#
+# * the right arm is truncation: slope 1 for the forward difference ($\tfrac{h}{2}|g''|$), slope 2 for
+#   the central one ($\tfrac{h^2}{6}|g'''|$);
+# * the left arm is rounding, about $\epsilon / h$: slope $-1$ for both, and jagged, because rounding
+#   errors are;
+# * the bottom of the V (a star) is the best $h$: near $\sqrt{\epsilon} \approx 10^{-8}$ for the forward
+#   difference, near $\epsilon^{1/3} \approx 10^{-5}$ for the central one, whose bottom also lies
+#   hundreds of times lower.
+#
+# We fit the slopes of both arms and find both bottoms before drawing (rounding is jagged, so a
+# bottom's depth is the median of its five lowest points, lest one lucky rounding decide). The dashed
+# lines in the figure are the error formulas above, not fits.
+
+# %%
+steps = np.logspace(-15, 0, 61)  # 4 points per decade
+x = 1.0
+forward_errors = np.abs((np.sin(x + steps) - np.sin(x)) / steps - np.cos(x))
+central_errors = np.abs((np.sin(x + steps) - np.sin(x - steps)) / (2 * steps) - np.cos(x))
+
+
+def loglog_slope(errors, lo, hi):
+    """The slope of the straight line that fits log10(error) against log10(h) for lo <= h <= hi."""
+    inside = (steps >= lo) & (steps <= hi)
+    return np.polyfit(np.log10(steps[inside]), np.log10(errors[inside]), 1)[0]
+
+
+check("forward: truncation slope 1 (h 1e-4..0.1)", loglog_slope(forward_errors, 1e-4, 1e-1), 1.0, atol=0.1)
+check("central: truncation slope 2 (h 1e-3..0.1)", loglog_slope(central_errors, 1e-3, 1e-1), 2.0, atol=0.1)
+check("forward: rounding slope -1 (h 1e-14..1e-9)", loglog_slope(forward_errors, 1e-14, 1e-9), -1.0, atol=0.4)
+check("central: rounding slope -1 (h 1e-14..1e-7)", loglog_slope(central_errors, 1e-14, 1e-7), -1.0, atol=0.4)
+best_forward, best_central = forward_errors.argmin(), central_errors.argmin()
+expect("both bottoms lie strictly inside the sweep",
+       0 < best_forward < len(steps) - 1 and 0 < best_central < len(steps) - 1,
+       f"best h: forward {steps[best_forward]:.1e}, central {steps[best_central]:.1e}")
+expect("central's best h is larger than forward's", steps[best_central] > steps[best_forward],
+       f"{steps[best_central]:.1e} > {steps[best_forward]:.1e}")
+bottom_forward, bottom_central = (np.median(np.sort(curve)[:5]) for curve in (forward_errors, central_errors))
+expect("central's V bottoms out 10x lower than forward's", 10 * bottom_central < bottom_forward,
+       f"median of the 5 lowest errors: {bottom_central:.1e} vs {bottom_forward:.1e}")
+
+# %%
+epsilon = np.finfo(np.float64).eps
+fig, axes = figure(size=(6.4, 4.4))
+ax = axes[0, 0]
+ax.loglog(steps, forward_errors, "o-", ms=3, color="tab:blue", label="forward difference")
+ax.loglog(steps, central_errors, "o-", ms=3, color="tab:orange", label="central difference")
+ax.loglog(steps, steps / 2 * np.sin(x), "--", color="tab:blue", lw=1,
+          label=r"truncation $\frac{h}{2}|g''|$ (slope 1)")
+ax.loglog(steps, steps**2 / 6 * np.cos(x), "--", color="tab:orange", lw=1,
+          label=r"truncation $\frac{h^2}{6}|g'''|$ (slope 2)")
+ax.loglog(steps, epsilon / steps, ":", color="black", lw=1, label=r"rounding $\epsilon / h$ (slope $-1$)")
+for best, curve, color in [(best_forward, forward_errors, "tab:blue"),
+                           (best_central, central_errors, "tab:orange")]:
+    ax.plot(steps[best], curve[best], "*", ms=14, color=color, markeredgecolor="black")
+ax.set_ylim(1e-14, 1)
+ax.set_xlabel("step h")
+ax.set_ylabel("|error| of the slope of sin at x = 1")
+ax.set_title("Finite-difference error: truncation (right) vs rounding (left)")
+ax.legend(fontsize=8, loc="lower left")
+show(fig, "difference_error_vs_step")
 
 # %% [markdown]
 # ## Several inputs: partial derivatives
@@ -223,9 +296,9 @@ check("gradient descent finds x* = 2/3", x, 2 / 3, atol=1e-6)
 #
 # ## Exercises
 #
-# 1. Plot (or print) the forward- and central-difference errors for $f(x) = e^x$ at $x = 1$ against $h$.
-#    Where is each one's best $h$? Compare with $\sqrt{\epsilon}$ and $\epsilon^{1/3}$ for
-#    $\epsilon = 2.2 \times 10^{-16}$.
+# 1. Redraw the figure for $f(x) = e^x$ at $x = 1$, then for the quadratic $f$ of this lesson. Where is
+#    each one's best $h$? Compare with $\sqrt{\epsilon}$ and $\epsilon^{1/3}$ for
+#    $\epsilon = 2.2 \times 10^{-16}$. Why has the quadratic's central-difference curve no right arm?
 # 2. Derive by hand the derivative of the sigmoid $\sigma(x) = 1 / (1 + e^{-x})$ and show it equals
 #    $\sigma(x)(1 - \sigma(x))$. Check it with a central difference.
 # 3. Add a second neuron: $L = (\tanh(w_2 \tanh(w_1 x + b_1) + b_2) - t)^2$. Write the backward pass

@@ -31,7 +31,9 @@ import numpy as np
 import minimosaic as mm
 from minimosaic import ops
 from minimosaic.tensor import sum_to
-from _check import check, expect
+from _check import check, expect, figure, promise_figures, show
+
+promise_figures("computation_graph", "autograd_vs_finite_differences")
 
 # %% [markdown]
 # ## A scalar engine in fifty lines
@@ -145,6 +147,65 @@ check("Value: dL/db vs lesson 1 by hand", b.grad, 2 * (o_ - 0.5) * (1 - o_**2))
 check("Value: dL/dx vs lesson 1 by hand", x.grad, 2 * (o_ - 0.5) * (1 - o_**2) * -0.8)
 
 # %% [markdown]
+# ### The graph that `backward` walked
+#
+# The forward pass above recorded a graph, one node per `Value`, linked by `_prev`. Below it is drawn
+# from those very links: each box shows the node's `data`, computed left to right, and its `grad`,
+# filled in right to left by `backward()`, starting from $\partial L / \partial L = 1$. Look for:
+#
+# * every gradient is the one to its right times a local derivative: at $z$,
+#   $\partial L / \partial o \cdot (1 - o^2)$; at $w$, $\partial L / \partial (w x) \cdot x$;
+# * our `Value` has no subtraction, so `o - t` is really `o + (t * -1)`: the graph holds a node for
+#   $-t$ and a leaf for the constant $-1$, which receives a gradient like any other leaf (nobody reads it).
+#
+# We name the nodes by following `_prev` from `L` back to the leaves, and check the numbers in three
+# boxes against lesson 1's formulas before drawing.
+
+# %%
+diff = L._prev[0]  # o - t, built by __sub__ as o + (-t)
+z = o._prev[0]
+node_names = {x: "x", w: "w", b: "b", t: "t", z._prev[0]: "w * x", z: "z = w x + b", o: "o = tanh z",
+              diff._prev[1]: "-t = t * -1", diff._prev[1]._prev[1]: "-1", diff: "o - t", L: "L = (o - t)^2"}
+depth, row = {}, {}  # column = longest path from a leaf; leaves stacked in order, others between parents
+
+
+def place(v):
+    for p in v._prev:
+        if p not in depth:
+            place(p)
+    depth[v] = 1 + max((depth[p] for p in v._prev), default=-1)
+    row[v] = float(np.mean([row[p] for p in v._prev])) if v._prev else float(sum(not u._prev for u in row))
+
+
+place(L)
+expect("the graph: 11 nodes, 5 of them leaves", (len(depth), sum(not v._prev for v in depth)) == (11, 5),
+       f"{len(depth)} nodes: {', '.join(node_names[v] for v in depth)}")
+check("graph: dL/dL = 1", L.grad, 1.0)
+check("graph: dL/do = 2 (o - t)", o.grad, 2 * (o.data - t.data))
+check("graph: dL/dz = dL/do (1 - o^2)", z.grad, o.grad * (1 - o.data**2))
+
+# %%
+fig, axes = figure(size=(11.0, 4.2))
+ax = axes[0, 0]
+boxes = {}
+for v in depth:
+    colour = "#cfe8cf" if not v._prev else ("#f6d5a8" if v is L else "#d6e4f5")
+    boxes[v] = ax.text(depth[v], -row[v], f"{node_names[v]}\ndata {v.data:+.3f}\ngrad {v.grad:+.3f}",
+                       ha="center", va="center", fontsize=9, family="monospace",
+                       bbox=dict(boxstyle="round,pad=0.4", facecolor=colour, edgecolor="gray"))
+ax.set_xlim(-0.5, max(depth.values()) + 0.5)
+ax.set_ylim(-max(row.values()) - 0.6, 0.6)
+ax.axis("off")
+fig.canvas.draw()  # lay the boxes out, so that the arrows can end at their edges
+for v in depth:
+    for p in v._prev:
+        ax.annotate("", xy=(depth[v], -row[v]), xytext=(depth[p], -row[p]),
+                    arrowprops=dict(arrowstyle="-|>", color="gray", patchA=boxes[p].get_bbox_patch(),
+                                    patchB=boxes[v].get_bbox_patch()))
+ax.set_title("The neuron's graph: data flows right (forward), grad flows left (backward); green = leaves")
+show(fig, "computation_graph")
+
+# %% [markdown]
 # A value used twice: $y = a \cdot a + e^a$ gives $dy/da = 2a + e^a$. Thanks to `+=` both paths count.
 # (Replace `+=` by `=` in `__mul__` and this check fails: a classic bug.)
 
@@ -153,6 +214,59 @@ a = Value(0.6)
 y = a * a + a.exp()
 y.backward()
 check("Value: a used three times, 2a + e^a", a.grad, 2 * 0.6 + math.exp(0.6))
+
+# %% [markdown]
+# ### The gradient is the slope, everywhere
+#
+# One point proves little. Sweep $w$ from $-3$ to $3$ (keeping $x$, $b$, $t$), build the neuron's graph
+# afresh at each $w$, call `backward()`, and compare `w.grad` with a central difference of the plain
+# loss (lesson 1). On the left, $L(w)$ with short segments of slope `w.grad`: each one should lie
+# along the curve. On the right, the gradient itself: the autograd line should pass through every
+# finite-difference dot. Notice also the flat tails: where $\tanh$ saturates ($|w x + b|$ large), the
+# gradient all but vanishes, and gradient descent would barely move $w$.
+
+# %%
+def neuron_loss_and_grad(w_value, x_value=1.5, b_value=0.3, target=0.5):
+    wv = Value(w_value)
+    loss_v = ((wv * x_value + b_value).tanh() - target) ** 2
+    loss_v.backward()
+    return loss_v.data, wv.grad
+
+
+sweep = np.linspace(-3.0, 3.0, 41)
+losses, grads = np.array([neuron_loss_and_grad(v) for v in sweep]).T
+eps = 1e-6
+numeric = np.array([(neuron_loss_and_grad(v + eps)[0] - neuron_loss_and_grad(v - eps)[0]) / (2 * eps)
+                    for v in sweep])
+check("autograd dL/dw vs central differences, w in [-3, 3]", grads, numeric)
+lowest = int(losses.argmin())
+expect("dL/dw changes sign once, at the lowest L", np.count_nonzero(np.diff(np.sign(grads))) == 1
+       and grads[lowest - 1] < 0 < grads[lowest + 1], f"lowest L at w = {sweep[lowest]:.2f}")
+expect("flat tails: |dL/dw| at w = +-3 below 1% of its peak",
+       max(abs(grads[0]), abs(grads[-1])) < 0.01 * np.abs(grads).max(),
+       f"{abs(grads[0]):.1e}, {abs(grads[-1]):.1e} vs peak {np.abs(grads).max():.2f}")
+
+# %%
+fig, axes = figure(ncols=2)
+ax = axes[0, 0]
+ax.plot(sweep, losses, color="black", label="L(w)")
+half = np.array([-0.25, 0.25])
+for i in range(0, len(sweep), 5):
+    ax.plot(sweep[i] + half, losses[i] + grads[i] * half, color="tab:red", lw=2,
+            label="slope = w.grad" if i == 0 else None)
+ax.set_xlabel("w")
+ax.set_ylabel("L = (tanh(1.5 w + 0.3) - 0.5)²")
+ax.set_title("The loss, with autograd's tangents")
+ax.legend()
+ax = axes[0, 1]
+ax.plot(sweep, grads, color="tab:red", label="autograd: w.grad")
+ax.plot(sweep, numeric, "o", ms=4, mfc="none", color="black", label="central difference")
+ax.axhline(0, color="gray", lw=0.5)
+ax.set_xlabel("w")
+ax.set_ylabel("dL/dw")
+ax.set_title("Autograd vs finite differences")
+ax.legend()
+show(fig, "autograd_vs_finite_differences")
 
 # %% [markdown]
 # ## Why arrays

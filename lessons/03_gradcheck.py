@@ -25,7 +25,9 @@ import numpy as np
 import minimosaic as mm
 from minimosaic import ops
 from minimosaic.tensor import make_result
-from _check import check, expect
+from _check import check, expect, figure, promise_figures, show
+
+promise_figures("finite_difference_error_by_dtype", "backward_vs_finite_differences")
 
 # %% [markdown]
 # ## Finite differences in float32 and float64
@@ -79,6 +81,53 @@ print(f"best float32 error {best[np.float32]:.1e}, best float64 error {best[np.f
 # %%
 expect("float64 finite differences beat float32 by 1000x", best[np.float64] * 1e3 < best[np.float32],
        f"{best[np.float64]:.1e} vs {best[np.float32]:.1e}")
+
+# %% [markdown]
+# The same experiment over a finer sweep of $h$, drawn. Both curves are lesson 1's V, with the
+# rounding arm pushed up and to the right in float32 by its $\epsilon$, $5 \times 10^8$ times larger.
+# Look at the dotted line, the $h = 10^{-6}$ that `gradcheck` uses: float64 sits near the bottom of its
+# V, off by about $10^{-9}$; float32 is on its rounding arm, wrong in the first or second digit.
+#
+# To the left of about $5 \times 10^{-7}$, float32's relative error is 1 or more: $x_0 \pm h$ changes
+# $f$ by less than the spacing of float32 numbers near $f(x) \approx 4$ ($4.8 \times 10^{-7}$), so the
+# two sums differ by 0 or by a whole spacing, and the "derivative" comes out 0 (as here) or far too
+# big. Below $10^{-8}$, about half the spacing of float32 numbers near $x_0 \approx 0.13$, $x_0 \pm h$
+# itself rounds back to $x_0$, the step taken is 0, and there is no point to draw.
+
+# %%
+sweep = np.logspace(-10, -1, 37)  # 4 points per decade
+relative_error = {np.float32: [], np.float64: []}
+for h in sweep:
+    for dtype in (np.float32, np.float64):
+        up, down = x64.astype(dtype), x64.astype(dtype)
+        up[0] += dtype(h)
+        down[0] -= dtype(h)
+        taken = up[0] - down[0]  # 0 when x0 +- h rounds back to x0
+        numeric = (f_np(up) - f_np(down)) / taken if taken else np.nan
+        relative_error[dtype].append(abs(float(numeric) - exact) / abs(exact))
+rel32, rel64 = np.array(relative_error[np.float32]), np.array(relative_error[np.float64])
+at_gradcheck_eps = int(np.argmin(np.abs(sweep - 1e-6)))
+bottom32, bottom64 = (np.median(np.sort(rel[~np.isnan(rel)])[:5]) for rel in (rel32, rel64))
+expect("float32's V bottoms out 1000x above float64's", 1e3 * bottom64 < bottom32,
+       f"median of the 5 lowest errors: {bottom32:.1e} vs {bottom64:.1e}")
+expect("at h = 1e-6: float64 off by < 1e-7, float32 by > 1%",
+       rel64[at_gradcheck_eps] < 1e-7 and rel32[at_gradcheck_eps] > 1e-2,
+       f"float64 {rel64[at_gradcheck_eps]:.1e}, float32 {rel32[at_gradcheck_eps]:.1e}")
+below_spacing = (sweep >= 1e-8) & (sweep < 4e-7)
+expect("float32, 1e-8 <= h < 4e-7: off by 100% or more", bool(np.all(rel32[below_spacing] >= 1 - 1e-6)),
+       f"smallest relative error there {rel32[below_spacing].min():.2f}")
+
+# %%
+fig, axes = figure(size=(6.4, 4.2))
+ax = axes[0, 0]
+ax.loglog(sweep, rel32, "o-", ms=3, label="float32")
+ax.loglog(sweep, rel64, "o-", ms=3, label="float64")
+ax.axvline(1e-6, color="gray", ls=":", label="h = 1e-6, as in gradcheck")
+ax.set_xlabel("step h")
+ax.set_ylabel("relative error of the central difference")
+ax.set_title(r"Central difference of $f(x) = \Sigma_i\, x_i \tanh x_i$ along $x_0$")
+ax.legend(loc="center left", bbox_to_anchor=(0.0, 0.62), fontsize=8)
+show(fig, "finite_difference_error_by_dtype")
 
 # %% [markdown]
 # ## `minimosaic.gradcheck`
@@ -163,6 +212,52 @@ except mm.GradcheckError as error:
     caught = True
     print("caught:", error)
 expect("gradcheck catches the forgotten g", caught)
+
+# %% [markdown]
+# Here is what gradcheck compares, drawn for a bigger input, $a$ of shape (6, 8): for each of its 48
+# elements, the central difference of $L = \sum \text{softplus}(a) \odot R$ (across) against the
+# gradient `backward()` gives (up). A right backward puts every point on the diagonal. The wrong one
+# returns $\sigma(a)$ whatever $R$ is, so its points lie in a flat band between 0 and 1, far from the
+# diagonal wherever $R$ is not close to 1.
+
+# %%
+a_big = np.random.default_rng(2).standard_normal((6, 8))
+weights = np.random.default_rng(3).standard_normal(a_big.shape)  # gradcheck's fixed random R
+
+
+def weighted_loss(op, data):
+    return float((op(mm.Tensor(data)).data * weights).sum())
+
+
+def backward_gradient(op, data):
+    leaf = mm.Tensor(data.copy(), requires_grad=True)
+    (op(leaf) * mm.Tensor(weights)).sum().backward()
+    return leaf.grad
+
+
+central = np.zeros_like(a_big)
+for index in np.ndindex(a_big.shape):
+    up, down = a_big.copy(), a_big.copy()
+    up[index] += 1e-6
+    down[index] -= 1e-6
+    central[index] = (weighted_loss(softplus, up) - weighted_loss(softplus, down)) / 2e-6
+right, wrong = backward_gradient(softplus, a_big), backward_gradient(softplus_wrong, a_big)
+check("right backward vs central differences, 48 elements", right, central, atol=1e-5, rtol=1e-3)
+expect("the wrong backward misses by far more than that", np.abs(wrong - central).max() > 0.5,
+       f"largest miss {np.abs(wrong - central).max():.2f}")
+
+# %%
+fig, axes = figure(size=(5.0, 4.4))
+ax = axes[0, 0]
+ax.plot(central.ravel(), wrong.ravel(), "x", color="tab:red", label="wrong backward (forgets g)")
+ax.plot(central.ravel(), right.ravel(), "o", mfc="none", color="tab:blue", label="right backward")
+span = np.array([central.min(), central.max()])
+ax.plot(span, span, color="gray", lw=0.8, label="diagonal: backward = finite differences")
+ax.set_xlabel("central difference of L")
+ax.set_ylabel("gradient from backward()")
+ax.set_title("softplus: each point is one element of a")
+ax.legend(fontsize=8)
+show(fig, "backward_vs_finite_differences")
 
 # %% [markdown]
 # Note why the wrong backward is caught: if we had checked $L = \sum \text{softplus}(a)$, the incoming

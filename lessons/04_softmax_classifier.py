@@ -25,7 +25,9 @@ import numpy as np
 
 import minimosaic as mm
 from minimosaic import nn, ops, optim
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("loss_curve", "decision_regions")
 
 # %% [markdown]
 # ## Softmax
@@ -158,8 +160,12 @@ check("hand-written step == optim.SGD step (b)", model.bias, twin.bias)
 # %%
 optimizer = optim.SGD(model.parameters(), lr=lr)
 steps = 100 if QUICK else 300
+train_losses, val_losses = [], []
 for step in range(steps):
+    with mm.no_grad():  # the validation loss at the same parameters, only watched, never trained on
+        val_losses.append(ops.cross_entropy(model(mm.Tensor(X_val)), y_val).item())
     loss = ops.cross_entropy(model(mm.Tensor(X_train)), y_train)
+    train_losses.append(loss.item())
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -171,22 +177,84 @@ expect("loss dropped well below log 3", loss.item() < 0.5 * np.log(3), f"{first_
 expect("validation accuracy > 85%", val_acc > 0.85, f"{val_acc:.3f}")
 
 # %% [markdown]
-# ## What the classifier learned
-#
-# The predicted class over a grid of the plane (0, 1, 2), with the class centres marked `*`. Each
-# boundary between two regions is where two logits are equal, $x (W_{:,i} - W_{:,j}) + b_i - b_j = 0$:
-# a straight line. That is all a linear classifier can draw.
+# The loss curve: the training loss (what gradient descent minimises) and the validation loss (points
+# it never trains on), against the step, with the $\log 3$ of a uniform guess for scale. The curve
+# starts well below the initial loss because of the one step we took by hand above. Look at the shape:
+# a steep fall while the boundaries swing into place, then a long slow tail. And look at the gap: there
+# is almost none, because a linear layer with 9 parameters cannot memorise a few hundred points.
 
 # %%
-xs = np.linspace(-4.5, 4.5, 48)
-ys = np.linspace(4.5, -3.5, 16)
-grid = np.array([[gx, gy] for gy in ys for gx in xs], np.float32)
+expect("the training loss falls at every step", bool(np.all(np.diff(train_losses) < 0)),
+       f"{train_losses[0]:.3f} -> {train_losses[-1]:.3f} in {steps} steps")
+expect("validation loss ends within 0.1 of training loss",
+       abs(val_losses[-1] - train_losses[-1]) < 0.1, f"{val_losses[-1]:.3f} vs {train_losses[-1]:.3f}")
+
+# %%
+fig, axes = figure()
+ax = axes[0, 0]
+ax.plot(train_losses, label="training loss")
+ax.plot(val_losses, "--", label="validation loss")
+ax.axhline(np.log(3), color="gray", ls=":", label="log 3: a uniform guess")
+ax.set_ylim(0, 1.2)
+ax.set_xlabel("step (full batch)")
+ax.set_ylabel("cross-entropy")
+ax.set_title("Training the linear classifier")
+ax.legend()
+show(fig, "loss_curve")
+
+# %% [markdown]
+# ## What the classifier learned
+#
+# Colour every point of the plane by the class the model predicts there, and put the training points
+# on top, coloured by their true class; the class centres are stars, and the training points the model
+# gets wrong are circled. Each boundary between two regions is where two logits are equal,
+# $x (W_{:,i} - W_{:,j}) + b_i - b_j = 0$: a straight line. That is all a linear classifier can draw.
+# The mistakes sit along the boundaries, where the clouds overlap and no straight line could do
+# better.
+#
+# We check that the picture tells the truth: looking up each training point's cell of the coloured
+# grid gives (nearly) the training accuracy the model reports, the only differences being points
+# closer to a boundary than the grid's spacing.
+
+# %%
+xs = np.linspace(-5.0, 5.0, 201)
+ys = np.linspace(-4.5, 5.0, 191)
+grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.float32)
 with mm.no_grad():
-    labels = model(mm.Tensor(grid)).numpy().argmax(axis=1).reshape(len(ys), len(xs))
-canvas = [["012"[c] for c in row] for row in labels]
-for cx, cy in centres:
-    canvas[int(np.abs(ys - cy).argmin())][int(np.abs(xs - cx).argmin())] = "*"
-print("\n".join("".join(row) for row in canvas))
+    regions = model(mm.Tensor(grid)).numpy().argmax(axis=1).reshape(len(ys), len(xs))
+    predicted = model(mm.Tensor(X_train)).numpy().argmax(axis=1)
+
+
+def region_at(points):
+    """The colour of the grid cell each point falls in."""
+    cols = np.clip(np.rint((points[:, 0] - xs[0]) / (xs[1] - xs[0])).astype(int), 0, len(xs) - 1)
+    rows = np.clip(np.rint((points[:, 1] - ys[0]) / (ys[1] - ys[0])).astype(int), 0, len(ys) - 1)
+    return regions[rows, cols]
+
+
+train_acc = accuracy(model, X_train, y_train)
+check("accuracy read off the picture = reported accuracy", (region_at(X_train) == y_train).mean(),
+      train_acc, atol=0.02)
+expect("each centre lies in its own class's region", region_at(centres).tolist() == [0, 1, 2],
+       f"regions at the centres: {region_at(centres).tolist()}")
+
+# %%
+light, dark = ["#c6dbef", "#fdd0a2", "#c7e9c0"], ["tab:blue", "tab:orange", "tab:green"]
+fig, axes = figure(size=(5.6, 5.0))
+ax = axes[0, 0]
+ax.contourf(xs, ys, regions, levels=[-0.5, 0.5, 1.5, 2.5], colors=light)
+for c in range(3):
+    ax.scatter(*X_train[y_train == c].T, s=10, color=dark[c], label=f"class {c}")
+wrong_points = X_train[predicted != y_train]
+ax.scatter(*wrong_points.T, s=70, facecolors="none", edgecolors="black", lw=1,
+           label=f"misclassified ({len(wrong_points)})")
+ax.scatter(*centres.T, marker="*", s=250, color="black", edgecolors="white", label="class centres")
+ax.set_xlabel("$x_1$")
+ax.set_ylabel("$x_2$")
+ax.set_title(f"Decision regions (training accuracy {train_acc:.1%})")
+ax.set_aspect("equal")
+ax.legend(fontsize=8, loc="upper left")
+show(fig, "decision_regions")
 
 # %% [markdown]
 # ## Exercises

@@ -27,7 +27,9 @@ import numpy as np
 
 import minimosaic as mm
 from minimosaic import memories, optim
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("bandwidth_fits", "leave_one_out")
 
 # %% [markdown]
 # ## The estimator
@@ -98,6 +100,40 @@ for xq in np.linspace(0.5, 5.5, 6):
     print(f"{xq:5.2f} {np.sin(xq):7.3f} {row[0]:8.3f} {row[1]:7.3f} {row[2]:6.3f}")
 
 # %% [markdown]
+# The same three estimates as curves over the data. Look at how the small bandwidth jumps from point
+# to point (it has learned the noise), how the large one is almost a straight line through the middle
+# (it has forgotten the sine), and how the middle one follows the dashed true curve. Before drawing we
+# measure what the picture claims: how far each curve travels up and down (its total variation; the
+# true sine travels 4 over one period) and its error against $\sin x$.
+
+# %%
+shown = {bandwidths[0]: "too small", best_h: "good", bandwidths[-1]: "too large"}
+fits = {h: smooth(x_query, x, y, 1 / (2 * h * h)).numpy()[:, 0] for h in shown}
+travel = {h: np.abs(np.diff(f)).sum() for h, f in fits.items()}
+truth_travel = np.abs(np.diff(np.sin(x_query))).sum()
+check("the true sine travels 4 over one period", truth_travel, 4.0, atol=1e-3)
+expect("too small a bandwidth follows the noise", travel[bandwidths[0]] > 3 * truth_travel,
+       f"h = {bandwidths[0]}: travels {travel[bandwidths[0]]:.1f}")
+expect("too large a bandwidth is nearly flat", np.ptp(fits[bandwidths[-1]]) < 0.5 * np.ptp(np.sin(x_query)),
+       f"h = {bandwidths[-1]}: range {np.ptp(fits[bandwidths[-1]]):.2f} (the sine's: 2)")
+expect("the best bandwidth follows the sine", true_error[best_h] < 0.02,
+       f"h = {best_h}: error {true_error[best_h]:.4f}")
+
+fig, axes = figure(size=(7.0, 4.0))
+ax = axes[0, 0]
+ax.scatter(x, y, s=8, color="0.6", label="data: sin x + noise")
+ax.plot(x_query, np.sin(x_query), "k--", lw=1.5, label="true curve sin x")
+for (h, word), color in zip(shown.items(), ("tab:red", "tab:green", "tab:blue")):
+    good = word == "good"
+    ax.plot(x_query, fits[h], color=color, lw=2.0 if good else 1.0, zorder=3 if good else 2,
+            label=f"h = {h:g} ({word}): error against sin x {true_error[h]:.3f}")
+ax.set_xlabel("x")
+ax.set_ylabel("y")
+ax.set_title("Nadaraya-Watson fits at three bandwidths")
+ax.legend(fontsize=8, loc="lower left")
+show(fig, "bandwidth_fits")
+
+# %% [markdown]
 # ## Choosing the bandwidth without knowing the truth
 #
 # In practice we have no $\sin x$ to compare with. We can score a bandwidth by how well it predicts
@@ -125,6 +161,45 @@ expect("leave-one-out picks a good bandwidth", true_error[loo_best] < 2 * true_e
        f"h = {loo_best}, true error {true_error[loo_best]:.4f} (best {true_error[best_h]:.4f})")
 expect("letting examples vote for themselves picks the smallest", self_best == bandwidths[0],
        f"h = {self_best}, true error {true_error[self_best]:.4f}")
+
+# %% [markdown]
+# A grid of 8 bandwidths is coarse. The leave-one-out error costs one masked smoothing per bandwidth,
+# so we can afford a fine grid and draw it as a curve (log scale for $h$, as bandwidths are compared by
+# ratios). Look for the valley: to its left the estimate chases noise, to its right it flattens the
+# sine, and its bottom is the chosen bandwidth. Beside it, the error when each example votes for
+# itself: it only falls as $h$ shrinks, so it would choose the jagged red curve above. We check that
+# the valley's bottom lies strictly inside the grid (otherwise the grid was too narrow and the choice
+# meaningless) and that the chosen bandwidth is good against the truth.
+
+# %%
+fine = np.geomspace(bandwidths[0], bandwidths[-1], 40)
+fine_loo = np.array([((smooth(x, x, y, 1 / (2 * h * h), mask=not_self).numpy()[:, 0] - y) ** 2).mean()
+                     for h in fine])
+fine_self = np.array([((smooth(x, x, y, 1 / (2 * h * h)).numpy()[:, 0] - y) ** 2).mean() for h in fine])
+chosen = int(fine_loo.argmin())
+chosen_h = fine[chosen]
+chosen_true = ((smooth(x_query, x, y, 1 / (2 * chosen_h**2)).numpy()[:, 0] - np.sin(x_query)) ** 2).mean()
+expect("the leave-one-out minimum is strictly inside the range", 0 < chosen < len(fine) - 1,
+       f"h = {chosen_h:.3f}, grid point {chosen} of 0..{len(fine) - 1}")
+expect("the chosen bandwidth is good against the truth", chosen_true < 2 * true_error[best_h],
+       f"true error {chosen_true:.4f} (best of the coarse grid {true_error[best_h]:.4f})")
+expect("voting for itself only gets better as h shrinks", np.all(np.diff(fine_self) >= -1e-12),
+       f"from {fine_self[0]:.4f} at h = {fine[0]:g} to {fine_self[-1]:.4f} at h = {fine[-1]:g}")
+
+fig, axes = figure(size=(6.0, 4.0))
+ax = axes[0, 0]
+ax.plot(fine, fine_loo, "o-", ms=3, color="tab:green", label="leave-one-out error")
+ax.plot(fine, fine_self, "s-", ms=3, color="tab:red", alpha=0.7,
+        label="error when each example votes for itself")
+ax.axvline(chosen_h, color="k", ls=":", lw=1)
+ax.plot([chosen_h], [fine_loo[chosen]], "k*", ms=14, label=f"chosen: h = {chosen_h:.2f}")
+ax.axhline(0.3**2, color="0.5", lw=0.8, ls="--", label="noise variance 0.09")
+ax.set_xscale("log")
+ax.set_xlabel("bandwidth h (log scale)")
+ax.set_ylabel("mean squared error on the examples")
+ax.set_title("Choosing the bandwidth from the data alone")
+ax.legend(fontsize=8)
+show(fig, "leave_one_out")
 
 # %% [markdown]
 # ## Learning the bandwidth by gradient descent

@@ -31,7 +31,9 @@ import numpy as np
 
 import minimosaic as mm
 from minimosaic import memories, ops
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("recall_weights")
 
 rng = np.random.default_rng(0)
 d = 16
@@ -80,6 +82,58 @@ expect("a sharp memory recalls 16 pairs", results[16, 32.0][0] == 1.0, f"recall 
 expect("a blurred memory returns the average", results[16, 0.5][1] < 0.5, f"|answer| {results[16, 0.5][1]:.3f}")
 expect("more pairs need a larger beta", results[128, 2.0][0] < results[16, 2.0][0],
        f"recall at beta 2: {results[128, 2.0][0]:.3f} (128 pairs) vs {results[16, 2.0][0]:.3f} (16)")
+
+# %% [markdown]
+# ## The weights behind the table
+#
+# Look at the weights themselves, $w_{qi}$ for 16 stored pairs, one row per query and one column per
+# stored key; query $q$ is a noisy copy of key $q$, so the right answer lies on the diagonal. At small
+# $\beta$ every row is a pale smear (a blur of all values); as $\beta$ grows the weight gathers on the
+# diagonal until each query reads exactly one pair. Every row is a softmax, so it sums to 1 at every
+# $\beta$: sharpening only moves weight, it never adds any. We check that, that these weights are the
+# ones `kernel_smoothing` uses, and what the picture shows at both ends, before drawing.
+
+# %%
+rng_fig = np.random.default_rng(1)  # its own generator: the same picture in quick mode
+n_fig, betas = 16, [0.5, 2.0, 4.0, 16.0]
+keys = unit(rng_fig.standard_normal((n_fig, d)))
+values = unit(rng_fig.standard_normal((n_fig, d)))
+queries = unit(keys + 0.6 * rng_fig.standard_normal((n_fig, d)) / np.sqrt(d))
+
+
+def recall_weights(queries, keys, beta):
+    """w[q, i] = exp(-beta |q - k_i|^2) / sum_j exp(-beta |q - k_j|^2), in NumPy."""
+    logits = -beta * ((queries[:, None] - keys[None]) ** 2).sum(axis=-1)        # (Q, n)
+    w = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return w / w.sum(axis=1, keepdims=True)
+
+
+recall = {beta: recall_weights(queries, keys, beta) for beta in betas}
+for beta, w in recall.items():
+    check(f"beta {beta:4.1f}: every row of weights sums to 1", w.sum(axis=1), np.ones(n_fig))
+    check(f"beta {beta:4.1f}: weights @ values == kernel_smoothing", w @ values,
+          memories.kernel_smoothing(mm.Tensor(queries), mm.Tensor(keys), mm.Tensor(values), beta), atol=1e-12)
+on_key = {beta: np.diag(w) for beta, w in recall.items()}
+print("weight on the matching key, mean over queries:",
+      {beta: round(float(m.mean()), 3) for beta, m in on_key.items()})
+expect("small beta: a blur, no weight above 1/2", recall[betas[0]].max() < 0.5,
+       f"largest weight {recall[betas[0]].max():.3f} (uniform: {1 / n_fig:.3f})")
+expect("large beta: each query reads its own key", on_key[betas[-1]].min() > 0.95,
+       f"smallest weight on the matching key {on_key[betas[-1]].min():.4f}")
+means = [m.mean() for m in on_key.values()]
+expect("the weight on the matching key grows with beta", np.all(np.diff(means) > 0),
+       " < ".join(f"{m:.3f}" for m in means))
+
+fig, axes = figure(ncols=len(betas), size=(3.4, 3.6))
+for ax, (beta, w) in zip(axes[0], recall.items()):
+    image = ax.imshow(w, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"$\\beta$ = {beta:g}\nmean weight on the right key: {on_key[beta].mean():.2f}", fontsize=10)
+    ax.set_xlabel("stored key i")
+    ax.set_xticks(range(0, n_fig, 5))
+    ax.set_yticks(range(0, n_fig, 5))
+axes[0, 0].set_ylabel("query (a noisy copy of key q)")
+fig.colorbar(image, ax=axes[0, :], shrink=0.8, label="recall weight $w_{qi}$")
+show(fig, "recall_weights")
 
 # %% [markdown]
 # ## The Gaussian kernel is a softmax of dot products

@@ -30,10 +30,13 @@
 import time
 
 import numpy as np
+from matplotlib.patches import Rectangle
 
 import minimosaic as mm
 from minimosaic import memories, ops
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("leaky_kernel", "causal_mask", "memory_weights")
 
 rng = np.random.default_rng(0)
 
@@ -140,6 +143,43 @@ for lam in (0.0, 0.5):
 check("lambda = 0.5 key: 1 x current, 0.5 x previous, ...", kbar[-1], [0.25, 0.5, 0.125, 1.0])  # tokens 0, 1, 2, 3
 
 # %% [markdown]
+# How much of the past a key holds is the kernel $\lambda^{t-s}$: the weight of the input $t - s$ steps
+# back. We read it off `leaky_average` itself, as its response to a single 1 at $s = 0$ (an impulse),
+# one head per $\lambda$. Look at how fast each curve falls: $\lambda = 0.3$ has forgotten almost
+# everything after 3 steps, $\lambda = 0.95$ still holds a third after 20. The total weight
+# $\sum_{n \ge 0} \lambda^n = 1/(1 - \lambda)$ is how many steps a key "remembers". On a log scale
+# (right) each curve is a straight line of slope $\log\lambda$: the decay is geometric, each step
+# multiplies by $\lambda$. That is what we check, on the numbers, before drawing.
+
+# %%
+lambdas = np.array([0.3, 0.6, 0.85, 0.95])
+lag = np.arange(61)
+impulse = np.zeros((1, len(lambdas), len(lag), 1))
+impulse[:, :, 0] = 1.0                                     # x_0 = 1, every later x_t = 0
+response = memories.leaky_average(mm.Tensor(impulse), mm.Tensor(lambdas)).numpy()[0, :, :, 0]  # (heads, T)
+check("the response to an impulse is lambda^(t - s)", response, lambdas[:, None] ** lag, atol=1e-12)
+check("geometric: each step multiplies by lambda", response[:, 1:] / response[:, :-1],
+      np.broadcast_to(lambdas[:, None], (len(lambdas), len(lag) - 1)), atol=1e-12)
+check("total weight = (1 - lambda^T) / (1 - lambda)", response.sum(axis=1),
+      (1 - lambdas ** len(lag)) / (1 - lambdas), atol=1e-12)
+
+fig, axes = figure(ncols=2, size=(4.6, 3.6))
+for lam, r in zip(lambdas, response):
+    for ax in axes[0]:
+        ax.plot(lag, r, "o-", ms=2.5, lw=1, label=f"$\\lambda$ = {lam:g}: total weight {1 / (1 - lam):.3g}")
+axes[0, 0].set_xlim(-1, 30)
+axes[0, 1].set_yscale("log")
+axes[0, 1].set_ylim(1e-6, 2)
+for ax, scale in zip(axes[0], ("linear", "log")):
+    ax.set_xlabel("lag t - s (steps back)")
+    ax.set_ylabel(f"weight $\\lambda^{{t-s}}$ ({scale} scale)")
+    ax.grid(alpha=0.3)
+axes[0, 0].set_title("the leaky-average kernel")
+axes[0, 1].set_title("log scale: straight lines, geometric decay")
+axes[0, 0].legend(fontsize=8)
+show(fig, "leaky_kernel")
+
+# %% [markdown]
 # In the model the key is then **normalised** to a unit vector and multiplied by a learned scale $s$
 # (lesson 6: $s^2/2$ is the kernel's $\beta$): `memories.normalize(x)` $= x / (\lVert x\rVert + 10^{-10})$.
 
@@ -207,10 +247,15 @@ expect("gradcheck peek_ahead (v, c)", mm.gradcheck(memories.peek_ahead, small, n
 V, T = 8, 64
 
 
-def next_token_accuracy(tokens, include_present, scale=4.0, lam=0.5):
+def keys_and_values(tokens, scale=4.0, lam=0.5):
     onehot = mm.Tensor(np.eye(V)[tokens][None, None])                              # (1, 1, T, V)
     keys = memories.normalize(memories.leaky_average(onehot, mm.Tensor(np.array([lam])))) * scale
     values = memories.peek_ahead(onehot, mm.Tensor(np.array([0.0])))                # v_t = onehot(x_{t+1})
+    return keys, values
+
+
+def next_token_accuracy(tokens, include_present, scale=4.0, lam=0.5):
+    keys, values = keys_and_values(tokens, scale, lam)
     mask = memories.causal_mask(np, T, 0, include_present=include_present)
     y = memories.softmax_attention(keys, keys, values, mask=mask).numpy()[0, 0]    # (T, V)
     guesses = y.argmax(axis=1)[1:-1]  # t = 0 has no past; the last target is unknown
@@ -229,6 +274,81 @@ print(f"a repeating pattern, s < t:            {learned:.3f}")
 expect("including s = t 'predicts' noise: the target leaked", leaky > 0.95, f"{leaky:.3f}")
 expect("masking s = t: noise stays unpredictable", honest < 0.4, f"{honest:.3f}")
 expect("masking s = t: real structure is still found", learned > 0.85, f"{learned:.3f}")
+
+# %% [markdown]
+# ### The mask, drawn
+#
+# Row $t$ is the query at time $t$, column $s$ a stored pair; 1 = may use; the present, $s = t$, is
+# framed in red. Left, $s \le t$: the diagonal is in, so every query may read its own value, the
+# answer. Right, $s < t$, the mask a context memory uses: zero on and above the diagonal, and row 0 is
+# empty (nothing is stored yet).
+
+# %%
+T_small = 8
+with_present = memories.causal_mask(np, T_small, 0, include_present=True).astype(int)
+without_present = memories.causal_mask(np, T_small, 0, include_present=False).astype(int)
+check("s < t: zero on and above the diagonal", np.triu(without_present), np.zeros((T_small, T_small)), atol=0)
+check("s < t: one strictly below it", np.tril(without_present, -1), np.tri(T_small, k=-1), atol=0)
+check("s <= t is s < t plus the diagonal", with_present, without_present + np.eye(T_small), atol=0)
+
+fig, axes = figure(ncols=2, size=(3.6, 3.6))
+for ax, mask, title in zip(axes[0], (with_present, without_present),
+                           ("s <= t: the present leaks", "s < t: the context memory's mask")):
+    ax.imshow(mask, cmap="Blues", vmin=0, vmax=1.4, interpolation="nearest")
+    for t in range(T_small):
+        for s_ in range(T_small):
+            ax.text(s_, t, mask[t, s_], ha="center", va="center", fontsize=8,
+                    color="white" if mask[t, s_] else "0.4")
+        ax.add_patch(Rectangle((t - 0.5, t - 0.5), 1, 1, fill=False, edgecolor="tab:red", lw=1.5))
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("stored pair s")
+    ax.set_ylabel("query t")
+    ax.set_xticks(range(T_small))
+    ax.set_yticks(range(T_small))
+show(fig, "causal_mask")
+
+# %% [markdown]
+# ### What the memory does with it
+#
+# The weights $w_{ts}$ of the three runs above, one heat map each. Look at the first: on noise with the
+# present included, the weight sits on the diagonal, each position reading its own pair, which holds
+# the next token; that is the near-100% "accuracy". In the middle, the same noise with $s < t$: the weight
+# is scattered over the past, with nothing to find. On the right, the repeating pattern: stripes 5, 10,
+# 15, ... steps back, the earlier places where the recent tokens were the same (the weight is shared
+# among them, so the stripes fade as the pattern repeats). We check these
+# three facts on the weights, and that they are the weights the memory used.
+
+# %%
+weights = {}
+for name, tokens, include_present in (("noise, s <= t", noise, True), ("noise, s < t", noise, False),
+                                      ("pattern, s < t", pattern, False)):
+    keys, values = keys_and_values(tokens)
+    mask = memories.causal_mask(np, T, 0, include_present=include_present)
+    w = memories.attention_weights(keys.data, keys.data, mask)[0, 0]                 # (T, T)
+    check(f"{name}: the weights give the memory's output", w @ values.numpy()[0, 0],
+          memories.softmax_attention(keys, keys, values, mask=mask).numpy()[0, 0], atol=1e-12)
+    first = 0 if include_present else 1                                             # s < t: row 0 is empty
+    check(f"{name}: rows sum to 1", w.sum(axis=1)[first:], np.ones(T - first))
+    weights[name] = w
+t = np.arange(T)
+leak = weights["noise, s <= t"]
+expect("noise, s <= t: each row's largest weight is its own pair", np.all(leak.argmax(axis=1) == t),
+       f"mean weight on the diagonal {np.diag(leak).mean():.3f}")
+check("noise, s < t: zero on and above the diagonal", np.triu(weights["noise, s < t"]), np.zeros((T, T)),
+      atol=0)
+same_context = ((t[:, None] - t[None, :]) % 5 == 0) & (t[:, None] > t[None, :])  # 5, 10, ... steps back
+on_stripes = (weights["pattern, s < t"] * same_context).sum(axis=1)[5:]
+expect("pattern: the weight sits 5, 10, ... steps back", on_stripes.min() > 0.9,
+       f"smallest row total on the stripes {on_stripes.min():.4f} (t >= 5)")
+
+fig, axes = figure(ncols=3, size=(3.6, 3.8))
+for ax, (name, w) in zip(axes[0], weights.items()):
+    image = ax.imshow(w, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("stored pair s")
+axes[0, 0].set_ylabel("query t")
+fig.colorbar(image, ax=axes[0, :], shrink=0.8, label="weight $w_{ts}$")
+show(fig, "memory_weights")
 
 # %% [markdown]
 # In a trained model the leak is worse than a wrong number: training would reward copying $v_t$

@@ -34,7 +34,9 @@ import numpy as np
 
 import minimosaic as mm
 from minimosaic import memories, nn
-from _check import check, expect
+from _check import check, expect, figure, promise_figures, show
+
+promise_figures("sentence_weights")
 
 rng = np.random.default_rng(0)
 B, T, C, H = 2, 10, 16, 4
@@ -50,15 +52,15 @@ for name, param in layer.named_parameters():
 # ## The per-head scalars are stored divided by 10
 #
 # $\lambda_h$, $s_h$ and $\sigma_h$ are kept as `leak_rate`, `log_scale` (logs, so the scales stay
-# positive) and stored as value / 10 (`memories.FAST`), used as 10 x stored: Adam (lesson 10) moves a
+# positive) and stored as value / 10 (`memories.EXP_SCALING`), used as 10 x stored: Adam (lesson 10) moves a
 # parameter by about the learning rate per step whatever its gradient, so these few numbers then
 # move 10 times faster than the weight matrices. Read them back:
 
 # %%
-FAST = memories.FAST
-decay = np.exp(-np.abs(FAST * layer.key.leak_rate.data))                  # lambda_h, (H,)
-key_scale = np.exp(np.minimum(FAST * layer.key.log_scale.data, memories.LOG_SCALE_MAX))  # s_h
-value_scale = np.exp(FAST * layer.value.log_scale.data)                    # sigma_h
+EXP_SCALING = memories.EXP_SCALING
+decay = np.exp(-np.abs(EXP_SCALING * layer.key.leak_rate.data))                  # lambda_h, (H,)
+key_scale = np.exp(np.minimum(EXP_SCALING * layer.key.log_scale.data, memories.LOG_SCALE_MAX))  # s_h
+value_scale = np.exp(EXP_SCALING * layer.value.log_scale.data)                    # sigma_h
 peek = np.clip(layer.value.peek.data, 0, 1)                                # c_h
 print("lambda_h", decay.round(3), "| s_h", key_scale.round(3), "| sigma_h", value_scale.round(3),
       "| c_h", peek.round(3))
@@ -174,6 +176,54 @@ weights = layer.kernel_weights(mm.Tensor(x_np))
 print("head 0, first sequence:\n", weights[0, 0].round(2))
 check("rows t >= 1 sum to 1", weights[:, :, 1:].sum(axis=-1), np.ones((B, H, T - 1)))
 check("nothing on or above the diagonal", np.triu(weights), np.zeros_like(weights), atol=0)
+
+# %% [markdown]
+# ### On a sentence
+#
+# Numbers are easier to read on words. We give each distinct word of a sentence a fixed random vector
+# of size $C$ (a stand-in for the embedding table that lesson 11 learns) and draw each head's weights
+# with the words as labels: row = the word at time $t$, column = an earlier word $s$ whose pair it may
+# read. The layer is still untrained, its projections random, so what shows comes from the structure
+# alone. Look at the head with the shortest memory (smallest $\lambda_h$): its key is essentially the
+# current word, so each repeated word looks back at its earlier occurrences, and the last "the" splits
+# its weight evenly over the three earlier ones (and reads what followed each: cat, mat, dog). In the
+# heads that remember longer, a key also carries the words before it, so the same word in different
+# contexts no longer looks the same and the three "the"s get different weights (here head 0 prefers
+# the "the" of "sat on the", which was followed by "mat"). We check both, and the mask, on the weights
+# before drawing.
+
+# %%
+sentence = "the cat sat on the mat and then the dog sat on the cat".split()
+vocabulary = sorted(set(sentence))
+ids = np.array([vocabulary.index(word) for word in sentence])
+embedding = np.random.default_rng(1).standard_normal((len(vocabulary), C))  # one vector per word
+read = layer.kernel_weights(mm.Tensor(embedding[ids][None]))[0]               # (H, T, T)
+T_s = len(sentence)
+check("sentence: rows t >= 1 sum to 1", read[:, 1:].sum(axis=-1), np.ones((H, T_s - 1)))
+check("sentence: zero on and above the diagonal", np.triu(read), np.zeros_like(read), atol=0)
+shortest, longest = int(np.argmin(decay)), int(np.argmax(decay))
+repeated = [t for t in range(1, T_s) if ids[t] in ids[:t]]
+expect(f"head {shortest} (lambda {decay[shortest]:.3f}): a repeated word looks back at itself",
+       all(ids[read[shortest, t].argmax()] == ids[t] for t in repeated),
+       f"rows {repeated}: each largest weight is on an earlier occurrence of the same word")
+last_the = T_s - 2
+earlier_the = [t for t in range(last_the) if sentence[t] == "the"]
+on_the = {h: read[h, last_the, earlier_the] for h in (shortest, longest)}
+expect(f"head {shortest}: the last 'the' weighs the earlier ones equally", np.ptp(on_the[shortest]) < 0.01,
+       f"weights on positions {earlier_the}: {on_the[shortest].round(3)}")
+expect(f"head {longest} (lambda {decay[longest]:.3f}): the context tells them apart",
+       np.ptp(on_the[longest]) > 0.1, f"weights on positions {earlier_the}: {on_the[longest].round(3)}")
+
+fig, axes = figure(ncols=2, nrows=2, size=(4.4, 4.2))
+for h, ax in enumerate(axes.flat):
+    image = ax.imshow(read[h], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_title(f"head {h}: $\\lambda_h$ = {decay[h]:.3f}", fontsize=10)
+    ax.set_xticks(range(T_s), sentence, rotation=90, fontsize=8)
+    ax.set_yticks(range(T_s), sentence, fontsize=8)
+    ax.set_xlabel("earlier word s (its pair)")
+    ax.set_ylabel("word at time t")
+fig.colorbar(image, ax=axes, shrink=0.6, label="weight $w_{ts}$")
+show(fig, "sentence_weights")
 
 # %% [markdown]
 # ## Reading a sequence in pieces

@@ -34,8 +34,9 @@ import numpy as np
 import minimosaic as mm
 from minimosaic import memories, nn, optim
 from minimosaic.models import MLP, CausalSelfAttention
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
 
+promise_figures("slot_weights")
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -51,10 +52,10 @@ for name, param in layer.named_parameters():
 
 
 def persistent_memory_by_hand(x):
-    FAST = memories.FAST
-    decay = np.exp(-np.abs(FAST * layer.key.leak_rate.data))
-    s2 = np.exp(np.minimum(2 * FAST * layer.key.log_scale.data, memories.LOG_SCALE_MAX))  # s_h^2
-    sigma = np.exp(FAST * layer.log_scale.data)
+    EXP_SCALING = memories.EXP_SCALING
+    decay = np.exp(-np.abs(EXP_SCALING * layer.key.leak_rate.data))
+    s2 = np.exp(np.minimum(2 * EXP_SCALING * layer.key.log_scale.data, memories.LOG_SCALE_MAX))  # s_h^2
+    sigma = np.exp(EXP_SCALING * layer.log_scale.data)
     P_k, P_v = layer.P_k.data[0], layer.P_v.data[0]                       # one bank: (H, N, hs)
     heads = []
     for h in range(H):
@@ -180,6 +181,52 @@ expect("the linear map cannot store 128 random facts", results["linear"][1] < 0.
 expect("the persistent memory stores them", results["persistent memory"][1] > 0.95,
        f"recall {results['persistent memory'][1]:.3f}")
 expect("... and so does the MLP", results["MLP"][1] > 0.95, f"recall {results['MLP'][1]:.3f}")
+
+# %% [markdown]
+# ## What do the slots respond to?
+#
+# `pm.kernel_weights(x)` returns the softmax weights $(B, H, T, N)$: how much each slot answers each
+# input. Below, head 0's weights for the 128 facts, one row per fact. Rows are sorted by the slot that
+# answers them most, and slots by the first fact they answer most, so a fact's strongest slot lies on
+# the staircase (colours on a square-root scale, so that weak weights show too). Look at two things:
+# each row is dark but for a handful of bright slots (a fact is answered by a few slots, not by all
+# 112), and the staircase crosses dozens of columns (the facts are spread over many slots; no slot
+# answers them all). On the right, a fact's weights sorted from the largest down, averaged over facts
+# and heads: a few slots carry most of the weight, far above the uniform $1/N$.
+
+# %%
+from matplotlib.colors import PowerNorm
+
+slot_weights = pm.kernel_weights(mm.Tensor(X))[:, :, 0]              # (facts, heads, slots)
+check("each fact's weights over the slots sum to 1", slot_weights.sum(axis=-1), np.ones((N_facts, 4)),
+      atol=1e-5)
+head0 = slot_weights[:, 0]
+top_slot = head0.argmax(axis=1)
+sorted_weights = np.sort(slot_weights, axis=-1)[..., ::-1].mean(axis=(0, 1))  # mean k-th largest weight
+n_slots = head0.shape[1]
+expect("a few slots answer each fact: top 3 carry > 40%", sorted_weights[:3].sum() > 0.4,
+       f"{sorted_weights[:3].sum():.3f} (uniform weights would give {3 / n_slots:.3f})")
+expect("the facts are spread over many slots (head 0)", len(set(top_slot)) >= 30,
+       f"{len(set(top_slot))} of {n_slots} slots are some fact's strongest")
+
+rows = np.argsort(top_slot, kind="stable")
+first_use = {}
+for slot in top_slot[rows]:
+    first_use.setdefault(slot, len(first_use))
+cols = sorted(range(n_slots), key=lambda j: first_use.get(j, n_slots))   # unused slots go last
+fig, axes = figure(ncols=2, size=(5.2, 4.0))
+image = axes[0, 0].imshow(head0[rows][:, cols], cmap="magma", norm=PowerNorm(0.5), aspect="auto",
+                          interpolation="nearest")
+fig.colorbar(image, ax=axes[0, 0], label="softmax weight")
+axes[0, 0].set(title="head 0: weight of each slot for each fact", xlabel="slot (sorted)",
+               ylabel="fact (sorted by its strongest slot)")
+k = np.arange(1, 21)
+axes[0, 1].bar(k, sorted_weights[:20], color="tab:purple")
+axes[0, 1].axhline(1 / n_slots, color="gray", ls="--", label=f"uniform 1/N = {1 / n_slots:.3f}")
+axes[0, 1].set(title="a fact's weights, largest first", xlabel="k-th strongest slot",
+               ylabel="mean weight (facts, heads)", xticks=[1, 5, 10, 15, 20])
+axes[0, 1].legend()
+show(fig, "slot_weights")
 
 # %% [markdown]
 # ## Exercises

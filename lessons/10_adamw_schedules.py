@@ -28,7 +28,9 @@ import numpy as np
 
 import minimosaic as mm
 from minimosaic import nn, optim
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("lr_schedule", "paths_on_the_bowl")
 
 # %% [markdown]
 # ## A badly scaled problem
@@ -205,6 +207,28 @@ check("halfway through the cosine: the mean", schedule(20 + (steps - 20) / 2), (
 check("the floor at and after total_steps", [schedule(steps), schedule(steps + 50)], [0.005, 0.005])
 
 # %% [markdown]
+# The whole schedule, step by step: a straight ramp up to $\eta_{\max}$ at the end of warmup, then half
+# a cosine wave down to the floor $\eta_{\min}$ at `total_steps`, and flat after.
+
+# %%
+schedule_steps = np.arange(steps + 50)
+lrs = np.array([schedule(s) for s in schedule_steps])
+check("the schedule peaks at max_lr ...", lrs.max(), 0.05)
+check("... at the end of warmup", schedule_steps[lrs.argmax()], 20, atol=0)
+expect("it only goes down after warmup", np.all(np.diff(lrs[20:]) <= 1e-15), "lr(s + 1) <= lr(s) for s >= 20")
+check("it ends at min_lr", lrs[-1], 0.005)
+
+fig, axes = figure(size=(6.0, 3.4))
+ax = axes[0, 0]
+ax.plot(schedule_steps, lrs, color="tab:blue")
+ax.axvspan(0, 20, color="tab:orange", alpha=0.15, label="warmup (20 steps)")
+ax.axvline(steps, color="gray", ls=":", label=f"total_steps = {steps}")
+ax.axhline(0.005, color="gray", ls="--", lw=0.8, label="min_lr")
+ax.set(title="warmup + cosine", xlabel="step", ylabel="learning rate")
+ax.legend()
+show(fig, "lr_schedule")
+
+# %% [markdown]
 # ## The race
 #
 # The same number of steps for each optimiser, from the same start. Adam's per-parameter step sizes
@@ -221,6 +245,90 @@ for name, value in [("SGD", sgd_loss), ("SGD + momentum", momentum_loss),
     print(f"  {name:30s} loss {value:.6f}")
 expect("AdamW + cosine beats plain SGD by 10x", adam_cosine_loss * 10 < sgd_loss,
        f"{adam_cosine_loss:.5f} vs {sgd_loss:.5f}")
+
+# %% [markdown]
+# ### The race, seen from above
+#
+# Eight parameters are too many to draw, so we slice the bowl: train only two weights of the first
+# output, the one on the steep first feature ($W_{11}$) and the one on the flat third feature
+# ($W_{31}$), with every other weight held at its least-squares value. The contours below are that
+# 2-D loss surface (note the axes: the valley is 10 000 times steeper across than along). Look at
+# how each optimiser spends its steps: SGD, with the largest safe rate, zigzags across the valley in a
+# few steps and then crawls along it; AdamW heads for the minimum along both weights at about the same
+# pace, and the schedule settles it there. On the right, the distance to the minimum step by step:
+# momentum (its path, not drawn, would hide SGD's) crawls a little faster than SGD, while AdamW's
+# distance falls by orders of magnitude.
+
+# %%
+best = np.linalg.lstsq(X1, Y, rcond=None)[0]             # (4, 2): the least-squares weights and bias
+F = X1[:, [0, 2]]                                         # the two features we train on
+rest = X1[:, [1, 3]] @ best[[1, 3], :1]                   # the frozen rest of the first output
+target = Y[:, :1]
+
+
+def slice_loss(w1, w3):
+    """The loss of the first output over a grid of (W_11, W_31), everything else at its best."""
+    residual = w1[..., None] * F[:, 0] + w3[..., None] * F[:, 1] + rest[:, 0] - target[:, 0]
+    return (residual**2).mean(axis=-1)
+
+
+slice_curvature = np.linalg.eigvalsh(2 * F.T @ F / N)
+minimum = best[[0, 2], 0]
+start = minimum + np.array([0.25, -3.0])
+
+
+def path(make_optimizer, schedule=None):
+    w = mm.Tensor(start[:, None].copy(), requires_grad=True)
+    opt = make_optimizer([w])
+    points = [w.data[:, 0].copy()]
+    for step in range(steps):
+        loss = ((mm.Tensor(F) @ w + rest - target) ** 2).mean()
+        loss.backward()
+        opt.step(lr=schedule(step) if schedule else None)
+        opt.zero_grad()
+        points.append(w.data[:, 0].copy())
+    return np.array(points)
+
+
+print(f"curvatures of the slice: {slice_curvature.round(4)}")
+paths = {
+    "SGD": path(lambda p: optim.SGD(p, lr=0.9 * 2 / slice_curvature.max())),
+    "SGD + momentum": path(lambda p: optim.SGD(p, lr=0.5 * 2 / slice_curvature.max(), momentum=0.9)),
+    "AdamW, warmup + cosine": path(lambda p: optim.AdamW(p, lr=0.05, weight_decay=0.0), schedule),
+}
+distance = {name: float(np.linalg.norm(points[-1] - minimum)) for name, points in paths.items()}
+for name, d in distance.items():
+    print(f"  {name:24s} ends {d:.4f} from the minimum (started {np.linalg.norm(start - minimum):.2f} away)")
+check("the slice's minimum is the least-squares one", slice_loss(*minimum),
+      ((X1 @ best[:, 0] - Y[:, 0]) ** 2).mean())
+expect("AdamW ends much nearer the minimum than SGD",
+       distance["AdamW, warmup + cosine"] < 0.25 * distance["SGD"],
+       f"{distance['AdamW, warmup + cosine']:.4f} vs {distance['SGD']:.4f}")
+expect("SGD has settled across the valley, not along it", abs(paths["SGD"][-1, 0] - minimum[0]) < 0.01,
+       f"|W_11 - best| = {abs(paths['SGD'][-1, 0] - minimum[0]):.4f}, |W_31 - best| = "
+       f"{abs(paths['SGD'][-1, 1] - minimum[1]):.3f}")
+
+w3_grid, w1_grid = np.meshgrid(np.linspace(start[1] - 0.4, minimum[1] + 0.6, 150),
+                               np.linspace(minimum[0] - 0.3, minimum[0] + 0.3, 150))
+surface = slice_loss(w1_grid, w3_grid)
+fig, axes = figure(ncols=2, size=(5.4, 4.0))
+ax = axes[0, 0]
+levels = surface.min() + np.geomspace(1e-3, surface.max() - surface.min(), 14)
+ax.contour(w3_grid, w1_grid, surface, levels=levels, cmap="Greys_r", linewidths=0.7)
+colors = {"SGD": "tab:red", "SGD + momentum": "tab:orange", "AdamW, warmup + cosine": "tab:blue"}
+for name in ("SGD", "AdamW, warmup + cosine"):  # (momentum's path would hide SGD's: see the right)
+    ax.plot(paths[name][:, 1], paths[name][:, 0], ".-", color=colors[name], ms=2.5, lw=0.8, label=name)
+ax.plot(*start[::-1], "ks", ms=6, label="start")
+ax.plot(*minimum[::-1], "k*", ms=12, label="minimum")
+ax.set(title="the loss over two weights (contours) and the paths", xlabel="$W_{31}$ (flat: 3rd feature)",
+       ylabel="$W_{11}$ (steep: 1st feature)")
+ax.legend(fontsize=8, loc="lower right")
+ax = axes[0, 1]
+for name, points in paths.items():
+    ax.semilogy(np.linalg.norm(points - minimum, axis=1), color=colors[name], label=name)
+ax.set(title="distance to the minimum", xlabel="step", ylabel="|w - w*| (log scale)")
+ax.legend(fontsize=8)
+show(fig, "paths_on_the_bowl")
 
 # %% [markdown]
 # ## Gradient clipping

@@ -32,7 +32,9 @@ import numpy as np
 import minimosaic as mm
 from minimosaic import data, nn, optim
 from minimosaic.models import ModelConfig, build_model
-from _check import QUICK, check, expect
+from _check import QUICK, check, expect, figure, promise_figures, show
+
+promise_figures("loss_curves", "loss_by_position", "retrieval")
 
 # %% [markdown]
 # ## Text, characters, ids
@@ -110,7 +112,8 @@ expect("the initial loss is about ln V", abs(first_loss - math.log(tokenizer.voc
 #
 # The loop of lesson 10 with everything switched on: AdamW with weight decay on matrices only,
 # warmup + cosine, clipping at global norm 1. One log line every so often with the loss, the learning
-# rate, the gradient norm before clipping and the time per step.
+# rate, the gradient norm before clipping and the time per step. We keep every training loss, and the
+# validation loss every 25 steps, to draw the curves.
 
 # %%
 steps = 150 if QUICK else 300
@@ -124,6 +127,7 @@ def validation_loss():
         return float(np.mean([model.loss(xb, yb).item() for xb, yb in val_batches]))
 
 
+train_losses, val_steps, val_losses = [], [0], [validation_loss()]
 start = time.perf_counter()
 for step in range(steps):
     x, y = sampler.next_batch()
@@ -132,11 +136,15 @@ for step in range(steps):
     grad_norm = optim.clip_grad_norm(model.parameters(), 1.0)
     optimizer.step(lr=schedule(step))
     optimizer.zero_grad()
+    train_losses.append(loss.item())
+    if (step + 1) % 25 == 0 or step == steps - 1:
+        val_steps.append(step + 1)
+        val_losses.append(validation_loss())
     if step % 50 == 0 or step == steps - 1:
         ms = 1e3 * (time.perf_counter() - start) / (step + 1)
         print(f"step {step:4d} | loss {loss.item():.3f} | lr {schedule(step):.2e} | "
               f"grad norm {float(grad_norm):6.2f} | {ms:5.1f} ms/step")
-final_val = validation_loss()
+final_val = val_losses[-1]
 
 # %% [markdown]
 # ## Did it learn?
@@ -154,6 +162,30 @@ expect("the loss dropped", final_val < first_loss - 1.5, f"{first_loss:.3f} -> {
 expect("it beats the unigram entropy", final_val < unigram - 0.3, f"{final_val:.3f} < {unigram:.3f} - 0.3")
 
 # %% [markdown]
+# The curves: the training loss of every batch (noisy: each is a different 16 windows) and the
+# validation loss on the same held-out batches every 25 steps. Look for three things: both fall fast
+# through the unigram line once warmup is over, then more slowly as the learning rate decays; and the
+# validation curve stays on the training curve. A validation curve that turns up while training keeps
+# going down would be overfitting: memorising the training text instead of learning its rules.
+
+# %%
+recent_train = float(np.mean(train_losses[-25:]))
+expect("the validation curve ends well below its start", val_losses[-1] < val_losses[0] - 1.5,
+       f"{val_losses[0]:.3f} -> {val_losses[-1]:.3f}")
+expect("... close to the training loss (no overfitting)", abs(val_losses[-1] - recent_train) < 0.3,
+       f"validation {val_losses[-1]:.3f}, training (last 25 steps) {recent_train:.3f}")
+
+fig, axes = figure(size=(6.4, 3.8))
+ax = axes[0, 0]
+ax.plot(np.arange(1, steps + 1), train_losses, lw=0.8, alpha=0.7, label="training (each batch)")
+ax.plot(val_steps, val_losses, "o-", ms=3, label="validation")
+ax.axhline(unigram, color="gray", ls="--", lw=0.8, label=f"unigram entropy {unigram:.2f}")
+ax.axhline(math.log(tokenizer.vocab_size), color="gray", ls=":", lw=0.8, label="uniform guess ln V")
+ax.set(title="learning curves", xlabel="step", ylabel="cross-entropy (nats/char)")
+ax.legend()
+show(fig, "loss_curves")
+
+# %% [markdown]
 # The loss may also depend on *where* in the window a character is: at position 0 the context memory
 # is empty, later it holds more of the story. With this little training the model leans mostly on the
 # last few characters, so expect small differences (exercise 2). Mean validation loss by position:
@@ -167,6 +199,26 @@ with mm.no_grad():  # ops.log_softmax(z) = z - logsumexp(z): the log of the soft
 per_position = np.mean(per_position, axis=0)
 for lo, hi in [(0, 1), (1, 4), (4, 16), (16, 32), (32, block_size)]:
     print(f"positions {lo:2d}..{hi - 1:2d}: {per_position[lo:hi].mean():.3f}")
+
+# %% [markdown]
+# The same numbers as a curve. The first few positions see only one to four characters, so they
+# are guessed from little; the loss falls over them and then flattens. The wobble after that is noise
+# (only a few dozen windows per position), and a longer-trained model would keep falling a little,
+# as its context memory starts recalling names from earlier in the window.
+
+# %%
+early, late = per_position[:4].mean(), per_position[16:].mean()
+expect("the loss is lower late in the window than early", late < early - 0.1,
+       f"positions 16..{block_size - 1}: {late:.3f}, positions 0..3: {early:.3f}")
+
+fig, axes = figure(size=(6.0, 3.4))
+ax = axes[0, 0]
+ax.plot(np.arange(block_size), per_position, ".-", ms=4)
+ax.axhline(final_val, color="gray", ls="--", lw=0.8, label=f"mean over positions {final_val:.2f}")
+ax.set(title="validation loss by position in the window", xlabel="position t (characters seen: t + 1)",
+       ylabel="cross-entropy (nats/char)")
+ax.legend()
+show(fig, "loss_by_position")
 
 # %% [markdown]
 # ## Writing
@@ -201,6 +253,32 @@ for h, row in enumerate(weights):
     looked = ", ".join(f"{probe[s]!r}@{s}->{probe[s + 1]!r} ({row[s]:.2f})" for s in top)
     print(f"head {h}: {looked}")
 check("each head's weights sum to 1", weights.sum(axis=1), np.ones(config.n_head), atol=1e-5)
+
+# %% [markdown]
+# The whole picture, one heat map per head of block 0: row $t$ is where position $t$ looked, column
+# $s$ the past positions (labelled with their character; the value retrieved is the character after
+# it). Everything on and above the diagonal is 0: position $t$ may only use $s < t$, since the value at
+# $t$ already peeks at the character it must predict. Look for heads that keep a sharp, short reach (a
+# bright band just below the diagonal: the last few characters) and heads that spread their weight
+# over the past, and for bright spots where the second "Mira" looks back at the first.
+
+# %%
+context = model.inspect(probe_ids)[0]["context"][0]                  # (H, T, T), block 0
+T_probe = len(probe)
+expect("no weight on the present or the future (s >= t)", np.triu(context).max() == 0,
+       f"largest weight at s >= t: {np.triu(context).max():.2g}")
+check("rows t >= 1 sum to 1 (row 0 has no past)", context[:, 1:].sum(axis=-1),
+      np.ones((config.n_head, T_probe - 1)), atol=1e-5)
+
+fig, axes = figure(ncols=2, nrows=2, size=(4.6, 4.2))
+labels = [c if c != " " else "_" for c in probe]
+for h, ax in enumerate(axes.flat):
+    image = ax.imshow(context[h], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(T_probe), labels, fontsize=6)
+    ax.set_yticks(range(T_probe), labels, fontsize=6)
+    ax.set(title=f"block 0, head {h}", xlabel="looked at: position s", ylabel="position t")
+fig.colorbar(image, ax=axes, label="weight", shrink=0.6)
+show(fig, "retrieval")
 
 # %% [markdown]
 # ## Exercises

@@ -31,7 +31,9 @@ import numpy as np
 import minimosaic as mm
 from minimosaic import nn, optim
 from minimosaic.models import ModelConfig, build_model
-from _check import QUICK, expect
+from _check import QUICK, expect, figure, promise_figures, show
+
+promise_figures("induction_weights")
 
 # %% [markdown]
 # ## The task
@@ -119,17 +121,21 @@ expect("the 1-layer GPT does not", scores["GPT, 1 layer"][2] < 0.5, f"copy accur
 # should sit on positions $s$ with $t - s$ a multiple of $L$: the earlier occurrences of "now".
 
 # %%
-rng = np.random.default_rng(3)
-on_target = []
-for _ in range(8):
-    x, y, repeat = repeated_blocks(1, rng)
-    L = int(np.argmax(repeat[0])) + 1                             # the first copied target is at t + 1 = L
-    weights = mosaic.inspect(x)[0]["context"][0]                  # (H, T, T)
-    for t in range(L, T):
-        same_phase = (t - np.arange(T)) % L == 0                  # s = t - L, t - 2L, ... (and s = t, masked)
-        mass = weights[:, t, same_phase].sum(axis=-1)             # (H,): each head's weight there
-        on_target.append(mass.max())                              # the head that does the copying
-on_target = np.asarray(on_target)
+def mass_on_earlier_occurrences(model, rng, n=8):
+    """Each head's weight on s = t - L, t - 2L, ... at each copy position t of n sequences: (positions, H)."""
+    masses = []
+    for _ in range(n):
+        x, _, repeat = repeated_blocks(1, rng)
+        L = int(np.argmax(repeat[0])) + 1                         # the first copied target is at t + 1 = L
+        weights = model.inspect(x)[0]["context"][0]               # (H, T, T)
+        for t in range(L, T):
+            earlier = ((t - np.arange(T)) % L == 0) & (np.arange(T) < t)   # s = t - L, t - 2L, ...
+            masses.append(weights[:, t, earlier].sum(axis=-1))    # (H,): each head's weight there
+    return np.asarray(masses)
+
+
+mosaic_mass = mass_on_earlier_occurrences(mosaic, np.random.default_rng(3))
+on_target = mosaic_mass.max(axis=1)                               # the head that does the copying
 print(f"weight of the copying head on earlier occurrences: mean {on_target.mean():.3f}, "
       f"above one half at {np.mean(on_target > 0.5):.3f} of {len(on_target)} copy positions")
 expect("it finds the previous occurrences", on_target.mean() > 0.7, f"mean weight {on_target.mean():.3f}")
@@ -142,6 +148,44 @@ for h in range(weights.shape[0]):
     top = np.argsort(weights[h, t, :t])[::-1][:3]  # among the past positions s < t
     print(f"block length {L}, position {t}: head {h} looks at "
           + ", ".join(f"s={s} ({weights[h, t, s]:.2f})" for s in top))
+
+# %% [markdown]
+# ## The induction pattern, side by side
+#
+# The same measurement for the GPT's attention weights (`gpt.inspect`, same shapes; a GPT position may
+# also attend to itself, which we leave out of "earlier occurrences"). Then the full weights of both
+# heads of both models on the sequence above, row $t$ looking back at columns $s$; the dashed lines mark
+# $s = t - L$ and $s = t - 2L$, the earlier occurrences. Look for the mosaic's copying head lying
+# exactly on those lines from row $L$ on, the first copy. Above row $L$ there is nothing to copy yet,
+# and it still picks one past position with full confidence: the confidently wrong guesses of the
+# first block. The other mosaic head and both GPT heads spread their weight over the past, with
+# nothing special on the lines: a one-layer GPT can only ask "which tokens are like me?", not "which
+# tokens *came after* one like me?".
+
+# %%
+mass = {"mosaic": mosaic_mass.mean(axis=0),                      # per head, over the same copy positions
+        "gpt": mass_on_earlier_occurrences(gpt, np.random.default_rng(3)).mean(axis=0)}
+for name, per_head in mass.items():
+    print(f"{name:6s} weight on earlier occurrences, per head: {per_head.round(3)}")
+copying_head = int(mass["mosaic"].argmax())
+expect("the mosaic's copying head puts most weight there", mass["mosaic"].max() > 0.7,
+       f"head {copying_head}: {mass['mosaic'].max():.3f}")
+expect("no GPT head does", mass["gpt"].max() < 0.3, f"best GPT head {mass['gpt'].max():.3f}")
+
+gpt_weights = gpt.inspect(x)[0]["context"][0]
+fig, axes = figure(ncols=2, nrows=2, size=(4.3, 4.3))
+rows = np.arange(L, T)
+panels = [("Memory Mosaic", "mosaic", weights), ("GPT", "gpt", gpt_weights)]
+for r, (name, key, model_weights) in enumerate(panels):
+    for h in range(2):
+        ax = axes[r, h]
+        image = ax.imshow(model_weights[h], cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        for k in (1, 2):
+            ax.plot(rows[rows >= k * L] - k * L, rows[rows >= k * L], "--", color="white", lw=0.6)
+        ax.set_title(f"{name}, head {h}\n{mass[key][h]:.2f} of its weight on earlier occurrences", fontsize=9)
+        ax.set(xlabel="looked at: position s", ylabel="position t")
+fig.colorbar(image, ax=axes, label="weight", shrink=0.6)
+show(fig, "induction_weights")
 
 # %% [markdown]
 # ## Exercises
