@@ -15,7 +15,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minimosaic import nn, optim  # noqa: E402
+from minimosaic.errors import MinimosaicError  # noqa: E402
 from minimosaic.tensor import no_grad  # noqa: E402
+
+
+def run(main):
+    """main(), with a user's mistake (no data and no network, say) as one line and exit code 2, as the
+    command line does, instead of a traceback."""
+    try:
+        main()
+    except MinimosaicError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_args(name, description, extra=None):

@@ -18,7 +18,7 @@ learning as more strings of the language are seen).
 """
 import numpy as np
 
-from _common import Stopwatch, figure, fit, parse_args, print_table, save_figure, save_json, seed_all
+from _common import Stopwatch, figure, fit, parse_args, print_table, run, save_figure, save_json, seed_all
 from minimosaic import asnumpy
 from minimosaic.models import ModelConfig, build_model
 
@@ -187,4 +187,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -17,7 +17,7 @@ sequences. Figure: accuracy.png (accuracy vs training step).
 """
 import numpy as np
 
-from _common import Stopwatch, figure, fit, parse_args, print_table, save_figure, save_json, seed_all
+from _common import Stopwatch, figure, fit, parse_args, print_table, run, save_figure, save_json, seed_all
 from minimosaic import asnumpy
 from minimosaic.models import ModelConfig, build_model
 
@@ -96,4 +96,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

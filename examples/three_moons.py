@@ -47,7 +47,7 @@ from itertools import combinations
 
 import numpy as np
 
-from _common import Stopwatch, figure, fit, parse_args, print_table, save_figure, save_json, seed_all
+from _common import Stopwatch, figure, fit, parse_args, print_table, run, save_figure, save_json, seed_all
 from minimosaic import nn, ops
 from minimosaic.memories import causal_mask, merge_heads, softmax_attention, split_heads
 from minimosaic.tensor import Tensor, no_grad
@@ -313,4 +313,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 
-from _common import Stopwatch, figure, parse_args, print_table, save_figure, save_json
+from _common import Stopwatch, figure, parse_args, print_table, run, save_figure, save_json
 from minimosaic.models import ModelConfig
 from minimosaic.train import TrainConfig, loss_by_position, prepare_data, read_log, train
 
@@ -88,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

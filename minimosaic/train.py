@@ -461,13 +461,16 @@ def remove_stale_temporaries(out):
 
 def _keep_log_until(path, step):
     """Drop log records after `step` (written after the checkpoint a run resumes from)."""
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             if json.loads(line)["step"] <= step:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a crash
+    if kept == lines:
+        return  # nothing to drop: no write
     tmp = path.with_suffix(".tmp")
     try:
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -49,3 +49,14 @@ def test_example_runs_quick(name, tmp_path):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} did not write {figure}"
     numbers = json.loads((out / "results.json").read_text())
     assert numbers["quick"] is True
+
+
+def test_an_example_without_its_data_says_so_in_one_line(tmp_path):
+    """No tinyshakespeare and no network: one line and exit code 2, not a traceback."""
+    env = {**os.environ, "MINIMOSAIC_DATA_DIR": str(tmp_path / "empty"), "MPLBACKEND": "Agg",
+           "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # (no network either way)
+    result = subprocess.run([sys.executable, "examples/shakespeare_char.py", "--quick", "--out", str(tmp_path / "o")],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not download 'shakespeare'"), result.stderr

@@ -108,3 +108,14 @@ def test_the_reading_commands_report_a_full_disk_in_one_line(capsys, disk, text_
     name, *rest = command.split()
     rest = [str(disk / "heat.png") if word == "HEAT" else word for word in rest]
     assert_user_error(invoke(capsys, name, out, *rest), "No space left on device")
+
+
+def test_a_checkpoint_that_does_not_fit_says_the_disk_is_full(capsys, disk, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMOSAIC_DATA_DIR", str(tmp_path / "data"))
+    out = disk / "run"
+    assert invoke(capsys, *train_args(text_file, out, "--steps", "4"))[0] == 0
+    fill(disk)
+    result = invoke(capsys, "train", "--out", out, "--resume", "--steps", "12", "--eval-interval", "4",
+                    "--log-interval", "100")
+    assert_user_error(result, "cannot write checkpoint", "(No space left on device): free some space on that "
+                      "disk, or give --out on another one")
