@@ -346,9 +346,14 @@ def _import_by_path(path):
     return module
 
 
+SAME_ALLOCATOR = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}  # fast.cpu.keep_freed_memory's
+
+
 def measure_reference(model_name, path, s, device="cpu", steps=15, warmup=3, threads=None,
-                      generation=True, gen_context=512, tf32=False):
-    """Time the official PyTorch model in `path` (mosaic_model.py or gpt_model.py) the same way."""
+                      generation=True, gen_context=512, tf32=False, same_allocator=False):
+    """Time the official PyTorch model in `path` (mosaic_model.py or gpt_model.py) the same way.
+    same_allocator: its process was started with our allocator setting (SAME_ALLOCATOR) instead of
+    glibc's defaults, as its users run it."""
     import torch
 
     if threads:
@@ -394,7 +399,8 @@ def measure_reference(model_name, path, s, device="cpu", steps=15, warmup=3, thr
         torch.cuda.reset_peak_memory_stats()
     times = time_steps(step, sync, steps, warmup)
     flops = train_step_flops(model_name, s)
-    result = dict(side="reference", model=model_name, label=f"{model_name} (official torch)",
+    label = f"{model_name} (official torch{', same allocator' if same_allocator else ''})"
+    result = dict(side="reference", model=model_name, label=label, same_allocator=same_allocator,
                   params=sum(p.numel() for p in params), flops_per_step=flops,
                   loss_first=losses[0], loss_last=losses[-1], torch_threads=torch.get_num_threads(),
                   torch_version=torch.__version__,
@@ -438,6 +444,8 @@ def _run_child(side, job, threads, workdir, index):
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
+    if job.get("same_allocator"):
+        env.update(SAME_ALLOCATOR)
     package_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "minimosaic.bench", str(spec_path)], env=env,
@@ -472,7 +480,7 @@ def _machine(device, threads):
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
               threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, also_plain=False,
-              progress=None):
+              same_allocator=False, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -482,6 +490,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     On a GPU, `cuda_graph` replays our step from a CUDA graph (the official code runs eagerly).
     `plain` times our plain core, without the fast layer (minimosaic.fast), instead of the fast layer;
     `also_plain` times both, side by side in the same run (the table then shows what the layer buys).
+    `same_allocator` also times the official code with our allocator setting (a second official column).
     `progress(line)` is called before each child starts. With `json_path` the result is also written
     there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
@@ -515,8 +524,9 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     if references and not _torch_available():
         notes.append("torch is not installed: reference skipped (pip install torch)")
     elif references:
-        jobs += [("reference", dict(model_name=name, path=str(Path(path).resolve()), threads=threads, **common))
-                 for name, path in references]
+        jobs += [("reference", dict(model_name=name, path=str(Path(path).resolve()), threads=threads,
+                                    same_allocator=same, **common))
+                 for name, path in references for same in ((False, True) if same_allocator else (False,))]
     runs = []
     with tempfile.TemporaryDirectory(prefix="minimosaic-bench-") as workdir:
         for index, (side, job) in enumerate(jobs):
@@ -612,6 +622,8 @@ def format_table(result):
         which = "ours / official" if "official" in r.get("theirs", "official") else "fast layer / plain core"
         if "plain" in r.get("ours", ""):
             which = "plain core / official"
+        if "same allocator" in r.get("theirs", ""):
+            which += " (same allocator)"
         lines.append(f"{r['model']}: {which}  tokens/s {r['tokens_per_s']:.2f}x,  {memory} {r['memory']:.2f}x")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

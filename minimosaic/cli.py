@@ -486,6 +486,9 @@ def bench(
     plain: bool = typer.Option(False, "--plain", help="time our plain core, without the fast layer "
                                                       "(also MINIMOSAIC_PLAIN=1)"),
     also_plain: bool = typer.Option(False, "--also-plain", help="time our plain core too, in the same run"),
+    same_allocator: bool = typer.Option(False, "--same-allocator",
+                                        help="also time the official code with our allocator setting (glibc "
+                                             "keeps freed memory), beside it as its users run it"),
 ):
     from . import bench as benchmarks, fast
 
@@ -494,7 +497,7 @@ def bench(
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
         tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True),
-        plain=plain or fast.plain_requested(), also_plain=also_plain)
+        plain=plain or fast.plain_requested(), also_plain=also_plain, same_allocator=same_allocator)
     typer.echo(benchmarks.format_table(result))
 
 

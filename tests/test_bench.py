@@ -214,3 +214,40 @@ def test_also_plain_runs_both_cores_in_children():
     assert [r.get("plain") for r in result["runs"]] == [False, True]
     assert result["runs"][1]["label"] == "mosaic (minimosaic, plain)"
     assert result["runs"][0]["loss_first"] == pytest.approx(result["runs"][1]["loss_first"], rel=1e-5)
+
+
+def test_same_allocator_gives_the_official_process_our_malloc_setting(tmp_path, monkeypatch):
+    """--same-allocator: the official code's child gets MALLOC_MMAP_MAX_=0 and a 1 GiB trim threshold
+    (what fast.cpu.keep_freed_memory sets with mallopt); as shipped, it gets glibc's defaults."""
+    seen = {}
+
+    def fake_run(command, env, **kwargs):
+        seen[json.loads(Path(command[-1]).read_text())["job"].get("same_allocator")] = env
+        return subprocess_result()
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    for same in (False, True):
+        bench._run_child("reference", dict(model_name="mosaic", same_allocator=same), 2, tmp_path, int(same))
+    assert seen[True]["MALLOC_MMAP_MAX_"] == "0" and seen[True]["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    assert "MALLOC_MMAP_MAX_" not in seen[False]
+    from minimosaic.fast import cpu
+    assert int(bench.SAME_ALLOCATOR["MALLOC_TRIM_THRESHOLD_"]) == cpu.TRIM_THRESHOLD
+
+
+def subprocess_result():
+    class Done:
+        returncode, stdout, stderr = 1, "", "not run"
+    return Done()
+
+
+def test_the_table_names_the_same_allocator_ratio(tiny_result):
+    result = dict(tiny_result[0])
+    ours = result["runs"][0]
+    shipped = dict(ours, side="reference", label="mosaic (official torch)", tokens_per_s=ours["tokens_per_s"] / 2)
+    same = dict(ours, side="reference", label="mosaic (official torch, same allocator)", same_allocator=True,
+                tokens_per_s=ours["tokens_per_s"])
+    result["runs"] = [ours, shipped, same]
+    result["ratios"] = bench._ratios(result["runs"])
+    text = bench.format_table(result)
+    assert "mosaic: ours / official  tokens/s 2.00x" in text
+    assert "mosaic: ours / official (same allocator)  tokens/s 1.00x" in text
