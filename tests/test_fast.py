@@ -271,3 +271,16 @@ def test_tiled_attention_gradients_are_bitwise_the_same_for_any_number_of_thread
     for other in results[1:]:
         for a, b in zip(results[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("size, expected", [("1024K", 1 << 20), ("2048K", 2 << 20), ("2M", 2 << 20), ("512K", 1 << 19)])
+def test_tiles_are_sized_to_the_l2_cache_read_from_sysfs(tmp_path, size, expected):
+    for index, (level, kind, text) in enumerate([("1", "Data", "48K"), ("1", "Instruction", "32K"),
+                                                 ("2", "Unified", size), ("3", "Unified", "32768K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(level + "\n")
+        (folder / "type").write_text(kind + "\n")
+        (folder / "size").write_text(text + "\n")
+    assert cpu.l2_cache_bytes(str(tmp_path)) == expected
+    assert cpu.l2_cache_bytes(str(tmp_path / "nowhere")) == cpu.DEFAULT_L2_BYTES

@@ -24,7 +24,7 @@ from ..tensor import broadcast_axes, make_result
 from . import cpu, cuda_kernels
 
 LEAKY_CHUNK = 16            # positions per chunk of the CPU scan: on 2 EPYC cores 8 and 16 tie
-TILE_SCORES = 1 << 18       # scores per attention tile: 1 MB in float32, about a core's L2 cache
+TILE_SCORES = cpu.l2_cache_bytes() // 4   # scores per attention tile: a core's L2 cache in float32
 SMALL_ATTENTION = 1 << 15   # scores below which the plain attention is faster (a generated token's)
 STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
 capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
