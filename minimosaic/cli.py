@@ -141,7 +141,10 @@ class ConsoleLogger(trainer.TrainLogger):
     def log(self, r):
         stats = f"loss {r['loss']:.4f} | {r['tokens_per_s']:,.0f} tok/s"
         line = (f"step {r['step']:>6}/{self.total} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-                f"grad_norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
+                f"grad_norm {'skipped' if r['grad_norm'] is None else format(r['grad_norm'], '.3f')} | "
+                f"{r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
+        if "loss_scale" in r:
+            line += f" | loss scale {r['loss_scale']:g} ({r['skipped_steps']} skipped)"
         if "val_loss" in r:
             line += f" | val_loss {r['val_loss']:.4f}"
         if self.progress is None:
@@ -195,6 +198,8 @@ def train(
     log_interval: int = _opt("steps per log line", key="log_interval"),
     seed: int = _opt("random seed (weights, batches, dropout)", key="seed"),
     device: str = _opt("cpu or gpu (needs CuPy)", shown="cpu"),
+    precision: str = _opt("fp32, or fp16: float16 products with float32 master weights, float32 softmax, "
+                          "layer-norm and loss, and dynamic loss scaling", key="precision"),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: let float32 matmuls use TF32 tensor cores "
                                                      "(faster, ~1e-3 relative error in products)"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
@@ -214,7 +219,7 @@ def train(
                      lr=lr, min_lr=min_lr, warmup=warmup, steps=steps, weight_decay=weight_decay,
                      grad_clip=grad_clip, grad_accum=grad_accum, eval_interval=eval_interval,
                      eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device,
-                     tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None,
+                     tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None, precision=precision,
                      time_limit=time_limit)
     overrides.update(out=out and str(out), plain=plain or None)
     model_config, config, resume_meta = trainer.resolve_run(preset, overrides, resume)

@@ -114,6 +114,7 @@ def leaky_average(x, decay):
     Backward, with a_t = dL/dx_t:  a_t = g_t + lambda_h a_{t+1}  (the same recurrence, backwards in time),
     dL/dlambda_h = sum_{t >= 1} a_t . kbar_{t-1}  (over batch, time and channels).
     """
+    x = ops.full_precision(x)
     xp, T = x.xp, x.shape[2]
     lam = decay.data[:, None]                                                    # (H, 1) against (B, H, hs)
     kbar = xp.empty(x.shape, x.dtype)
@@ -158,6 +159,7 @@ def normalize(x, scale=None, eps=NORM_EPS):
     Backward, n = |x|, gu = s g:  dx = (gu - x (u . gu) / n) / (n + eps)  (the term is 0 where x = 0),
     ds_h = sum of g . u over every row of head h (the engine sums g u down to (H, 1, 1)).
     """
+    x = ops.full_precision(x)
     xp = x.xp
     parents = (x,) if scale is None else (x, scale)
     s = None if scale is None else scale.data

@@ -8,7 +8,7 @@ Functions marked @replaceable may be swapped for a faster equivalent by minimosa
 """
 import math
 
-from . import backend
+from . import backend, precision
 from .registry import replaceable
 from .tensor import Tensor, make_result
 
@@ -73,6 +73,9 @@ def matmul(a, b):
     a, b = _pair(a, b)
     if a.ndim < 2 or b.ndim < 2:
         raise ValueError("matmul needs at least 2-D operands; reshape vectors to (1, n) or (n, 1)")
+    low = precision.low_dtype()
+    if low is not None:  # mixed precision: products take low-precision operands (precision.py)
+        a, b = (astype(t, low) if t.dtype == t.xp.float32 else t for t in (a, b))
 
     def backward(g):
         return g @ b.data.swapaxes(-1, -2), a.data.swapaxes(-1, -2) @ g
@@ -146,6 +149,11 @@ def gelu(a):
 def astype(a, dtype):
     """z = a converted to `dtype`.   The gradient is converted back."""
     return make_result(a.data.astype(dtype), (a,), lambda g: (g.astype(a.dtype),))
+
+
+def full_precision(a):
+    """a in float32 if it is float16 (the mixed-precision policy keeps some ops in float32: precision.py)."""
+    return astype(a, a.xp.float32) if a.dtype == a.xp.float16 else a
 
 
 # ---------------------------------------------------------------- reductions
@@ -319,6 +327,7 @@ def softmax(a, axis=-1, mask=None):
     With `mask` (boolean, True = may attend) masked entries get y_i = 0 and a fully masked row is all
     zeros rather than NaN.   dy/da: da = y * (g - sum_j g_j y_j).
     """
+    a = full_precision(a)
     xp = a.xp
     x = a.data if mask is None else xp.where(mask, a.data, -xp.inf)
     m = x.max(axis=axis, keepdims=True)
@@ -334,6 +343,7 @@ def softmax(a, axis=-1, mask=None):
 
 def log_softmax(a, axis=-1):
     """y = a - logsumexp(a).   da = g - softmax(a) * sum(g)."""
+    a = full_precision(a)
     xp = a.xp
     m = a.data.max(axis=axis, keepdims=True)
     shifted = a.data - m
@@ -349,6 +359,7 @@ def cross_entropy(logits, targets, ignore_index=-1):
 
     logits (..., V), targets (...) integer array.   dlogits = (softmax - onehot(target)) / n_counted.
     """
+    logits = full_precision(logits)
     xp = logits.xp
     targets = targets.data if isinstance(targets, Tensor) else targets
     z = logits.data.reshape(-1, logits.shape[-1])
@@ -379,6 +390,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     With dxhat = g * w:   dx = r (dxhat - mean(dxhat) - xhat mean(dxhat * xhat)),  dw = g xhat,  db = g
     (dw and db are summed over the leading axes by the engine).
     """
+    x = full_precision(x)
     xp, data = x.xp, x.data
     centered = data - data.mean(axis=-1, keepdims=True)
     rstd = 1 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)             # (..., 1)

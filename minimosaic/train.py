@@ -46,6 +46,7 @@ from .data import (DATASETS, EMBEDDED, BatchSampler, build_tokenizer, check_spli
 from .checkpoint import checkpoint_path
 from .errors import MinimosaicError
 from .models import ModelConfig, build_model
+from .precision import PRECISIONS, LossScaler, autocast
 from .tensor import no_grad
 
 LATEST, BEST = "latest", "best"
@@ -78,6 +79,7 @@ class TrainConfig:
     tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
     cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (fast/cuda_graph.py)
     plain: bool = False              # run the plain core, without the fast layer (minimosaic.fast)
+    precision: str = "fp32"          # 'fp32', or 'fp16': float16 products, float32 master weights, loss scaling
     time_limit: float = 0.0          # seconds of training in this invocation after which it stops (0: none)
     out: str = "runs/run"
 
@@ -96,6 +98,11 @@ class TrainConfig:
             raise MinimosaicError(f"seed is {self.seed}: it must be an integer >= 0")
         if self.lr == 0:
             raise MinimosaicError("lr is 0: nothing would be learned; use e.g. --lr 1e-3")
+        if self.precision not in PRECISIONS:
+            raise MinimosaicError(f"unknown precision {self.precision!r}: use fp32 or fp16")
+        if self.precision == "bf16":
+            raise MinimosaicError("--precision bf16 is not written yet (NumPy and CuPy have no bfloat16 type): "
+                                  "use fp16, which has loss scaling, or fp32")
         if self.level not in ("char", "token"):
             raise MinimosaicError(f"unknown level {self.level!r}: use 'char' or 'token'")
         self.device = backend.normalize_device(self.device)
@@ -288,23 +295,38 @@ def loss_by_position(model, ids, block_size, batch_size, device, max_batches=Non
     return float(per_position.mean()), per_position
 
 
-def training_step(model, optimizer, batches, lr, grad_clip=None):
+def training_step(model, optimizer, batches, lr, grad_clip=None, precision="fp32", scaler=None):
     """One optimizer step: forward, loss, backward (summed over the micro-batches, each weighted
     1 / len(batches)), clip the global gradient norm to grad_clip, AdamW at rate lr.
 
     batches: [(x, y), ...] id arrays. grad_clip None skips the norm (it is then None); 0 measures it but
-    does not clip. Returns (mean loss, gradient norm before clipping) as device scalars (no host sync).
+    does not clip. precision: the mixed-precision policy of the forward and backward (precision.py);
+    with a LossScaler the loss is scaled before backward and the gradients unscaled after, and a step
+    whose gradients overflowed is skipped (no update; its norm comes back as None).
+    Returns (mean loss, gradient norm before clipping) as device scalars (no host sync without a scaler).
     The gradients stay in the parameters until the next step clears them.
     """
     model.zero_grad()
     loss_sum = 0.0
-    for x, y in batches:
-        loss = model.loss(x, y)
-        (loss * (1.0 / len(batches)) if len(batches) > 1 else loss).backward()
-        loss_sum = loss_sum + loss.data
+    weight = (1.0 / len(batches)) * (scaler.scale if scaler is not None else 1.0)
+    def overflow_expected():  # an overflow is what the scaler looks for: no warning about it
+        return np.errstate(over="ignore", invalid="ignore") if scaler else contextlib.nullcontext()
+    with autocast(precision), overflow_expected():
+        for x, y in batches:
+            loss = model.loss(x, y)
+            (loss * weight if weight != 1.0 else loss).backward()
+            loss_sum = loss_sum + loss.data
+    mean_loss = loss_sum / len(batches) if len(batches) > 1 else loss_sum
+    if scaler is not None:
+        with overflow_expected():
+            finite = scaler.unscale(model.parameters())
+        scaler.update(finite)
+        if not finite:  # an overflow: skip this update (the scale is halved for the next step)
+            model.zero_grad()
+            return mean_loss, None
     norm = None if grad_clip is None else optim.clip_grad_norm(model.parameters(), grad_clip)
     optimizer.step(lr)
-    return (loss_sum / len(batches) if len(batches) > 1 else loss_sum), norm
+    return mean_loss, norm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,6 +568,7 @@ def _train(model_config, config, data, resume, logger):
     val_batches = eval_batches(data.val_ids, model_config.block_size, config.batch_size,
                                config.eval_batches)
     step, best_val, val_loss, elapsed = 0, math.inf, None, 0.0
+    scaler = LossScaler() if config.precision == "fp16" else None
 
     if resume:
         arrays, meta = checkpoint.load_checkpoint(out, LATEST)
@@ -555,6 +578,8 @@ def _train(model_config, config, data, resume, logger):
                                    "m": [arrays[f"optim.m.{i}"] for i in range(len(optimizer.m))],
                                    "v": [arrays[f"optim.v.{i}"] for i in range(len(optimizer.v))]})
         sampler.load_state(meta["sampler_state"])
+        if scaler is not None and meta.get("loss_scaler"):
+            scaler.load_state(meta["loss_scaler"])
         _set_rng_state(meta["rng_state"])
         if device == "gpu":  # CuPy's generator state is not saved: a fresh, reproducible stream
             backend.array_module(device).random.seed(config.seed + meta["step"])
@@ -571,7 +596,7 @@ def _train(model_config, config, data, resume, logger):
                        dataset=dict(name=data.name, source=data.source, text_sha256=data.text_sha256))
     graphed = None  # the step as a CUDA graph, where it can be one
     why_eager = "--no-cuda-graph" if not config.cuda_graph else why_not_captured(
-        device, model_config.dropout, config.grad_accum)
+        device, model_config.dropout, config.grad_accum, config.precision)
     if why_eager is None:
         graphed = GraphedTrainingStep(model, optimizer, config.grad_clip)
     logger.begin(dict(step_mode="CUDA graph" if graphed else f"eager ({why_eager})",
@@ -586,7 +611,8 @@ def _train(model_config, config, data, resume, logger):
         meta = dict(meta_common, step=step, val_loss=val_loss,
                     elapsed_s=elapsed + time.perf_counter() - loop_start,
                     best_val_loss=None if best_val == math.inf else best_val,
-                    optimizer_steps=optimizer.steps, rng_state=_rng_state(), sampler_state=sampler.state())
+                    optimizer_steps=optimizer.steps, rng_state=_rng_state(), sampler_state=sampler.state(),
+                    loss_scaler=None if scaler is None else scaler.state())
         path = checkpoint.save_checkpoint(out, name, _arrays(model, optimizer if with_optimizer else None),
                                           meta)
         logger.checkpoint(path, step)
@@ -597,17 +623,22 @@ def _train(model_config, config, data, resume, logger):
         """One log record for the pending steps (one host sync); stop if a loss or norm is not finite."""
         nonlocal pending
         xp = backend.get_array_module(pending[0][1])
-        values = backend.asnumpy(xp.stack([xp.asarray(v, dtype=xp.float32) for _, loss, norm, _ in pending
-                                           for v in (loss, norm)])).astype(np.float64).reshape(-1, 2)
-        for (s, *_), (loss, norm) in zip(pending, values):
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+        skipped = [norm is None for _, _, norm, _ in pending]  # steps the loss scaler skipped (overflow)
+        values = backend.asnumpy(xp.stack([xp.asarray(math.nan if v is None else v, dtype=xp.float32)
+                                           for _, loss, norm, _ in pending for v in (loss, norm)]))
+        values = values.astype(np.float64).reshape(-1, 2)
+        for (s, *_), (loss, norm), was_skipped in zip(pending, values, skipped):
+            if not (math.isfinite(loss) and (was_skipped or math.isfinite(norm))):
                 what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {norm}"
                 raise MinimosaicError(f"{what} at step {s}: lower --lr or raise --warmup; {last_good()}")
         now = time.perf_counter()
+        norms = values[~np.asarray(skipped), 1]
         record = dict(step=step, loss=float(values[:, 0].mean()), lr=pending[-1][3],
-                      grad_norm=float(values[:, 1].mean()), tokens=step * tokens_per_step,
+                      grad_norm=float(norms.mean()) if len(norms) else None, tokens=step * tokens_per_step,
                       tokens_per_s=len(pending) * tokens_per_step / max(now - interval_start, 1e-9),
                       elapsed_s=elapsed + now - loop_start)
+        if scaler is not None:
+            record.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped_steps)
         pending = []
         return record
 
@@ -639,7 +670,8 @@ def _train(model_config, config, data, resume, logger):
                 loss_mean, grad_norm = loss.copy(), grad_norm.copy()  # the next replay overwrites both
             else:  # host batches: the ids are checked there, then copied over
                 batches = [sampler.next_batch() for _ in range(config.grad_accum)]
-                loss_mean, grad_norm = training_step(model, optimizer, batches, lr, config.grad_clip)
+                loss_mean, grad_norm = training_step(model, optimizer, batches, lr, config.grad_clip,
+                                                     config.precision, scaler)
             step += 1
             pending.append((step, loss_mean, grad_norm, lr))
             out_of_time = bool(config.time_limit) and step < config.steps and (

@@ -36,10 +36,12 @@ from . import cuda_kernels
 from . import ops as fast_ops
 
 
-def why_not_captured(device, dropout, grad_accum):
+def why_not_captured(device, dropout, grad_accum, precision="fp32"):
     """None when a training run can replay its step from a CUDA graph, else the reason in a few words."""
     if device != "gpu":
         return "CUDA graphs are a GPU feature"
+    if precision != "fp32":
+        return "loss scaling checks each step's gradients for overflow on the host"
     if dropout:
         return "dropout would replay the same mask every step"
     if grad_accum != 1:

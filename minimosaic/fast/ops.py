@@ -14,11 +14,12 @@ runs. tests/test_fast.py checks every pair, in float64 and float32, on the CPU a
   optim.adamw_update      GPU: the update in one pass, its rates readable from a CUDA graph
   tensor.sum_to           GPU: big multi-axis sums one axis at a time
 """
+import functools
 import math
 
 import numpy as np
 
-from .. import memories
+from .. import memories, precision
 from ..backend import get_array_module
 from ..tensor import broadcast_axes, make_result
 from . import cpu, cuda_kernels
@@ -404,7 +405,15 @@ def sum_to(grad, shape):
     return grad.reshape(shape)
 
 
-REPLACEMENTS = {
+def _full_precision_only(replacement):
+    """The replacement, declining inside precision.autocast: the plain ops carry the policy's casts."""
+    @functools.wraps(replacement)
+    def declines_under_autocast(*args, **kwargs):
+        return NotImplemented if precision.low_dtype() is not None else replacement(*args, **kwargs)
+    return declines_under_autocast
+
+
+REPLACEMENTS = {name: _full_precision_only(replacement) for name, replacement in {
     "ops.matmul": matmul,
     "ops.gelu": gelu,
     "ops.layer_norm": layer_norm,
@@ -413,4 +422,4 @@ REPLACEMENTS = {
     "memories.normalize": normalize,
     "optim.adamw_update": adamw_update,
     "tensor.sum_to": sum_to,
-}
+}.items()}
