@@ -112,6 +112,7 @@ case("clip", lambda a: ops.clip(a, -1.0, 1.0), UNARY, "off_kinks", ref=lambda a:
 case("clip_low", lambda a: a.clip(-1.0), [((3, 4),)], "off_kinks", ref=lambda a: np.maximum(a, -1))
 case("clip_high", lambda a: a.clip(None, 1.0), [((3, 4),)], "off_kinks", ref=lambda a: np.minimum(a, 1))
 case("astype", lambda a: ops.astype(a, np.float64), [((3, 4),)], ref=lambda a: a, float32_ok=False)
+case("full_precision", ops.full_precision, [((3, 4),)], ref=lambda a: a)  # float16 only changes: below
 
 # ---------------------------------------------------------------- reductions
 REDUCE_AXES = [None, 0, -1, 1, (0, 2), (-1, 0), (0, 1, 2)]
@@ -304,6 +305,16 @@ def test_table_covers_every_op():
 
 
 # ---------------------------------------------------------------- properties beyond the table
+def test_full_precision_casts_float16_up_and_its_gradient_back_down(rng):
+    x = Tensor(rand_array((3, 4), rng).astype(np.float16), requires_grad=True)
+    y = ops.full_precision(x)
+    assert y.dtype == np.float32 and np.array_equal(y.numpy(), x.numpy().astype(np.float32))
+    (y * 2).sum().backward()
+    assert x.grad.dtype == np.float16 and np.all(x.grad == 2)
+    z = Tensor(rand_array((2, 2), rng).astype(np.float32))
+    assert ops.full_precision(z) is z  # float32 (and float64) pass through untouched
+
+
 def test_softmax_rows_sum_to_one_and_masked_entries_are_zero(rng):
     x = Tensor(rand_array((4, 6), rng) * 30)  # large logits: the max shift keeps it finite
     np.testing.assert_allclose(ops.softmax(x).numpy().sum(-1), 1, rtol=1e-12)
