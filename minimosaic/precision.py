@@ -52,13 +52,14 @@ class LossScaler:
         self.good_steps, self.skipped_steps = 0, 0
 
     def unscale(self, params):
-        """g <- g / scale for every parameter's gradient; True when they are all finite (a host sync)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = True
-        for i, p in enumerate(p for p in params if p.grad is not None):
-            p.grad = grads[i] / p.grad.dtype.type(self.scale)
-            finite = finite and bool(p.xp.isfinite(p.grad).all())
-        return finite
+        """g <- g / scale for every parameter's gradient; True when they are all finite (one host sync)."""
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            return True
+        for p in with_grad:
+            p.grad = p.grad / p.grad.dtype.type(self.scale)  # a new array: gradients may be shared
+        xp = with_grad[0].xp
+        return bool(xp.stack([xp.isfinite(p.grad).all() for p in with_grad]).all())
 
     def update(self, finite):
         if not finite:

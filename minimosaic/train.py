@@ -31,12 +31,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 try:
     import fcntl
 except ImportError:  # Windows: runs are not locked
     fcntl = None
-from pathlib import Path
 
 import numpy as np
 
@@ -209,9 +209,10 @@ def prepare_data(config, data_dir=None, tokenizer=None, resume_meta=None):
     resume_meta: the meta of the checkpoint a run resumes; its tokenizer is reused, and a different
     training text is refused before anything is encoded."""
     text, name = load_text(config.data, data_dir)
+    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if resume_meta is not None:
         saved = resume_meta["dataset"]
-        if hashlib.sha256(text.encode("utf-8")).hexdigest() != saved["text_sha256"]:
+        if sha != saved["text_sha256"]:
             raise MinimosaicError(f"cannot resume {config.out}: the training text changed ({saved['name']!r} in "
                                   f"the checkpoint, {name!r} now, and their contents differ). Pass the --data of "
                                   f"the run you resume, or train from scratch into a new --out")
@@ -220,7 +221,6 @@ def prepare_data(config, data_dir=None, tokenizer=None, resume_meta=None):
         tokenizer = build_tokenizer(config.level, text, config.tokenizer, config.vocab_size)
     notes = []
     train_ids, val_ids = encode_dataset(text, tokenizer, notes=notes)  # cached in the user's cache folder
-    sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return Data(tokenizer, train_ids, val_ids, name, config.data, sha, notes)
 
 

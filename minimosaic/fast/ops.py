@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import memories, precision
 from ..backend import get_array_module
+from ..ops import _pair
 from ..tensor import broadcast_axes, make_result
 from . import cpu, cuda_kernels
 
@@ -45,7 +46,6 @@ def product(a, b):
 # ---------------------------------------------------------------- ops.matmul
 def matmul(a, b):
     """ops.matmul with its three products through `product`."""
-    from ..ops import _pair
     a, b = _pair(a, b)
     if a.ndim < 2 or b.ndim < 2:
         return NotImplemented  # the plain op says what is wrong
