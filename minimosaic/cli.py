@@ -116,6 +116,8 @@ class ConsoleLogger(trainer.TrainLogger):
             f"{t['min_lr']:g}, warmup {t['warmup']} | weight_decay {t['weight_decay']:g} grad_clip "
             f"{t['grad_clip']:g} | seed {t['seed']} | device {t['device']} ({info['core']})"
             + (f", step {info['step_mode']}" if t["device"] == "gpu" else ""),
+            *([f"parallel {info['world']}: each takes {t['batch_size'] // info['ranks']} of the batch's "
+               f"{t['batch_size']} rows; gradients averaged by all-reduce"] if info.get("ranks", 1) > 1 else []),
             f"out      {t['out']}"
             + (f" (resuming at step {info['start_step']})" if info["start_step"] else ""),
         ]
@@ -198,8 +200,9 @@ def train(
     log_interval: int = _opt("steps per log line", key="log_interval"),
     seed: int = _opt("random seed (weights, batches, dropout)", key="seed"),
     device: str = _opt("cpu or gpu (needs CuPy)", shown="cpu"),
-    precision: str = _opt("fp32, or fp16: float16 products with float32 master weights, float32 softmax, "
-                          "layer-norm and loss, and dynamic loss scaling", key="precision"),
+    precision: str = _opt("fp32; fp16: float16 products with float32 master weights, float32 softmax, "
+                          "layer-norm and loss, and dynamic loss scaling; fp64: everything in float64 "
+                          "(slow; for exact comparisons)", key="precision"),
     tf32: bool = typer.Option(False, "--tf32", help="GPU: let float32 matmuls use TF32 tensor cores "
                                                      "(faster, ~1e-3 relative error in products)"),
     no_cuda_graph: bool = typer.Option(False, "--no-cuda-graph",
@@ -212,7 +215,13 @@ def train(
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
     plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
+    nproc: int = typer.Option(None, min=1, show_default=False,
+                              help="data parallel: start this many ranks with mpiexec (needs "
+                                   "`pip install -e '.[dist]'`); --batch-size is then the whole step's batch, "
+                                   "split among them. Same as `mpiexec -n N minimosaic train ...`"),
 ):
+    if nproc is not None:
+        _start_ranks(nproc)
     overrides = dict(model=model and model.value, level=level and level.value, tokenizer=tokenizer,
                      vocab_size=vocab_size, data=data, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                      block_size=block_size, batch_size=batch_size, pmem_size=pmem_size, dropout=dropout,
@@ -222,16 +231,27 @@ def train(
                      tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None, precision=precision,
                      time_limit=time_limit)
     overrides.update(out=out and str(out), plain=plain or None)
-    model_config, config, resume_meta = trainer.resolve_run(preset, overrides, resume)
-    corpus = trainer.prepare_data(config, data_dir, resume_meta=resume_meta)
-    for note in corpus.notes:
+    from .fast import distributed
+    world = distributed.world_from_environment()  # one process, or a rank of `mpiexec -n N`
+    with world.collective_errors():  # a user error on any rank: every rank stops, one message
+        model_config, config, resume_meta = trainer.resolve_run(preset, overrides, resume, writes=world.is_root)
+        world.check_batch(config.batch_size)
+        world.use_device(config.device)
+        with world.root_first():  # rank 0 fills the tokenizer and encoding caches; the others read them
+            corpus = trainer.prepare_data(config, data_dir, resume_meta=resume_meta)
+    for note in corpus.notes if world.is_root else ():
         typer.echo(f"note: {note}", err=True)
     model_config.vocab_size = corpus.tokenizer.vocab_size
-    logger = ConsoleLogger()
+    logger = ConsoleLogger() if world.is_root else None
     try:
-        result = trainer.train(model_config, config, corpus, resume=resume, logger=logger)
+        result = trainer.train(model_config, config, corpus, resume=resume, logger=logger, world=world)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+    if not world.is_root:
+        if result.interrupted:
+            raise typer.Exit(130)
+        return
     if result.start_step >= config.steps:
         typer.echo(f"nothing to do: run finished at step {result.step}; raise --steps to continue")
         return
@@ -253,6 +273,24 @@ def train(
         return
     typer.echo(f"done: step {result.step}, val_loss {val} (best {best}), {result.elapsed_s:.0f}s; "
                f"try `minimosaic sample {result.out}`")
+
+
+def _start_ranks(nproc):
+    """Replace this process by `mpiexec -n nproc minimosaic <the same arguments, less --nproc>`."""
+    import os
+    from .fast import distributed
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command, env = distributed.mpiexec_command(nproc, args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,8 +544,39 @@ def bench(
     typer.echo(benchmarks.format_table(result))
 
 
+def _report(error):
+    """Print a MinimosaicError as one line; returns the exit code (2). Under mpiexec, an error that every
+    rank raised alike is printed by rank 0 only, and any other brings the whole job down."""
+    from .fast import distributed
+    world = distributed.current_world()
+    if world is None or isinstance(error, distributed.CollectiveError):
+        if distributed.launcher_rank_size()[0] == 0:
+            typer.echo(f"error: {error}", err=True)
+    else:
+        distributed.abort_on_error(world, error)
+    return 2
+
+
 def main(argv=None):
-    """Entry point. Usage errors and MinimosaicErrors become one line on stderr and exit code 2."""
+    """Entry point. Usage errors and MinimosaicErrors become one line on stderr and exit code 2.
+    In a data-parallel job, a rank that fails in any other way brings every rank down with it."""
+    from .fast import distributed
+    if distributed.launcher_rank_size()[1] <= 1:
+        return _main(argv)
+    try:
+        _main(argv)
+    except SystemExit:
+        raise
+    except BaseException as error:  # a bug, or a second Ctrl-C: no rank may wait forever for this one
+        world = distributed.current_world()
+        if world is None:
+            raise
+        import traceback
+        traceback.print_exc()
+        distributed.abort_on_error(world, f"{type(error).__name__}: {error}")
+
+
+def _main(argv=None):
     try:
         code = app(args=argv, prog_name="minimosaic", standalone_mode=False)
     except getattr(click_exceptions, "NoArgsIsHelpError", ()):  # click >= 8.2: the help is printed already
@@ -520,8 +589,7 @@ def main(argv=None):
         typer.echo("aborted", err=True)
         code = 1
     except MinimosaicError as error:
-        typer.echo(f"error: {error}", err=True)
-        code = 2
+        code = _report(error)
     except OSError as error:  # a write the commands make (a plot, a CSV) failed: full disk, permissions
         where = f" {error.filename}" if error.filename else ""
         advice = ("free some space on that disk, or write elsewhere" if error.errno == errno.ENOSPC

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "fp64")  # fp64: weights and every op in float64, for exact checks
 _low = None   # the dtype matrix products compute in, inside autocast (None: as the inputs are)
 
 
@@ -31,10 +31,11 @@ def low_dtype():
 
 @contextlib.contextmanager
 def autocast(precision="fp32"):
-    """Inside, the policy above for `precision` ('fp32': nothing changes; 'fp16'); afterwards as before."""
+    """Inside, the policy above for `precision` ('fp32' and 'fp64': nothing changes, the ops compute in
+    the weights' dtype; 'fp16'); afterwards as before."""
     global _low
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"autocast({precision!r}): only 'fp32' and 'fp16' are implemented")
+    if precision not in ("fp32", "fp16", "fp64"):
+        raise ValueError(f"autocast({precision!r}): only 'fp32', 'fp16' and 'fp64' are implemented")
     before, _low = _low, (np.float16 if precision == "fp16" else None)
     try:
         yield

@@ -79,7 +79,8 @@ class TrainConfig:
     tf32: bool = False               # GPU: float32 matmuls on TF32 tensor cores (backend.set_tf32)
     cuda_graph: bool = True          # GPU: replay the step from a CUDA graph when it can (fast/cuda_graph.py)
     plain: bool = False              # run the plain core, without the fast layer (minimosaic.fast)
-    precision: str = "fp32"          # 'fp32', or 'fp16': float16 products, float32 master weights, loss scaling
+    precision: str = "fp32"          # 'fp32'; 'fp16': float16 products, float32 master weights, loss scaling;
+                                     # 'fp64': weights and every op in float64 (exact comparisons)
     time_limit: float = 0.0          # seconds of training in this invocation after which it stops (0: none)
     out: str = "runs/run"
 
@@ -99,7 +100,7 @@ class TrainConfig:
         if self.lr == 0:
             raise MinimosaicError("lr is 0: nothing would be learned; use e.g. --lr 1e-3")
         if self.precision not in PRECISIONS:
-            raise MinimosaicError(f"unknown precision {self.precision!r}: use fp32 or fp16")
+            raise MinimosaicError(f"unknown precision {self.precision!r}: use fp32, fp16 or fp64")
         if self.precision == "bf16":
             raise MinimosaicError("--precision bf16 is not written yet (NumPy and CuPy have no bfloat16 type): "
                                   "use fp16, which has loss scaling, or fp32")
@@ -170,7 +171,7 @@ def default_out(model, level, data):
     return str(Path("runs") / f"{model}-{level}-{name}")
 
 
-def resolve_run(preset=None, overrides=None, resume=False):
+def resolve_run(preset=None, overrides=None, resume=False, writes=True):
     """(ModelConfig, TrainConfig, checkpoint meta or None) for the run a user asks for, checked before
     any data is loaded (hand the meta to `prepare_data`).
 
@@ -179,11 +180,13 @@ def resolve_run(preset=None, overrides=None, resume=False):
     (RESUME_MAY_CHANGE; anything else that differs from the checkpoint is an error); the meta returned
     holds its tokenizer and the fingerprint of its training text.
     The model's vocab_size comes from the tokenizer (`prepare_data`).
+    writes False (the ranks of a data-parallel job other than 0): the run folder is neither locked nor
+    created here; rank 0 does that.
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     out = given.get("out") or default_out(given.get("model", "mosaic"), given.get("level", "char"),
                                           given.get("data"))
-    if Path(out).expanduser().is_dir():
+    if writes and Path(out).expanduser().is_dir():
         with run_folder_lock(Path(out).expanduser()):  # a run training there now: say so first
             pass
     if resume:
@@ -200,7 +203,8 @@ def resolve_run(preset=None, overrides=None, resume=False):
                               "drop them, or add --level token")
     config.out = given.get("out") or default_out(model_config.model, config.level, config.data)
     model_config.validate()
-    prepare_out(config.out, resume=False)
+    if writes:
+        prepare_out(config.out, resume=False)
     return model_config, config, None
 
 
@@ -229,7 +233,8 @@ class TrainLogger:
 
     def begin(self, info):
         """Once before the first step. info: model_config, train_config (dicts), n_params, start_step,
-        dataset, train_tokens, val_tokens, tokens_per_step, step_mode ('CUDA graph' or 'eager (why)'),
+        dataset, train_tokens, val_tokens, tokens_per_step, ranks and world (the data-parallel job, in
+        words), step_mode ('CUDA graph' or 'eager (why)'),
         core ('fast layer' or 'plain core'), stale_files and stale_bytes (temporaries of an interrupted
         save that were removed)."""
 
@@ -295,14 +300,17 @@ def loss_by_position(model, ids, block_size, batch_size, device, max_batches=Non
     return float(per_position.mean()), per_position
 
 
-def training_step(model, optimizer, batches, lr, grad_clip=None, precision="fp32", scaler=None):
+def training_step(model, optimizer, batches, lr, grad_clip=None, precision="fp32", scaler=None, world=None):
     """One optimizer step: forward, loss, backward (summed over the micro-batches, each weighted
-    1 / len(batches)), clip the global gradient norm to grad_clip, AdamW at rate lr.
+    1 / len(batches)), [average the gradients over the ranks], clip the global gradient norm to
+    grad_clip, AdamW at rate lr.
 
     batches: [(x, y), ...] id arrays. grad_clip None skips the norm (it is then None); 0 measures it but
     does not clip. precision: the mixed-precision policy of the forward and backward (precision.py);
     with a LossScaler the loss is scaled before backward and the gradients unscaled after, and a step
     whose gradients overflowed is skipped (no update; its norm comes back as None).
+    world: a data-parallel job's World (fast/distributed.py): batches are this rank's rows, and the
+    gradients and the loss are averaged over the ranks before anything reads them.
     Returns (mean loss, gradient norm before clipping) as device scalars (no host sync without a scaler).
     The gradients stay in the parameters until the next step clears them.
     """
@@ -317,6 +325,8 @@ def training_step(model, optimizer, batches, lr, grad_clip=None, precision="fp32
             (loss * weight if weight != 1.0 else loss).backward()
             loss_sum = loss_sum + loss.data
     mean_loss = loss_sum / len(batches) if len(batches) > 1 else loss_sum
+    if world is not None:
+        mean_loss = world.average_gradients(model.parameters(), mean_loss)
     if scaler is not None:
         with overflow_expected():
             finite = scaler.unscale(model.parameters())
@@ -528,67 +538,90 @@ def _deferred_interrupt():
 # the loop
 
 
-def train(model_config, config, data, resume=False, logger=None):
+def train(model_config, config, data, resume=False, logger=None, world=None):
     """Train a model on `data` (see `prepare_data`) and return a TrainResult.
 
     resume: continue the run saved in `config.out` (latest.npz), which must have the same settings
     except those in RESUME_MAY_CHANGE. Without resume, `config.out` must not hold a run already.
     The fast layer is on during the run unless config.plain; afterwards it is as it was.
+    world: the data-parallel job this process is one rank of (fast/distributed.py; None: one process).
+    Every rank calls train with the same arguments; rank 0 alone writes the run folder and reports to
+    the logger. config.batch_size is the whole step's batch, cut into equal row slices among the ranks.
     """
     from . import fast
+    from .fast.distributed import World
 
-    config.validate()
-    with run_folder_lock(Path(config.out).expanduser()), fast.enabled(not (config.plain or fast.plain_requested())):
-        return _train(model_config, config, data, resume, logger or TrainLogger())
+    world = world or World()
+    with contextlib.ExitStack() as stack:
+        with world.collective_errors():  # an error on any rank stops every rank, with its message
+            config.validate()
+            world.check_batch(config.batch_size)
+            if world.is_root:
+                stack.enter_context(run_folder_lock(Path(config.out).expanduser()))
+        stack.enter_context(fast.enabled(not (config.plain or fast.plain_requested())))
+        return _train(model_config, config, data, resume, (logger or TrainLogger()) if world.is_root
+                      else TrainLogger(), world)
 
 
-def _train(model_config, config, data, resume, logger):
+def _train(model_config, config, data, resume, logger, world):
     from . import fast
     from .fast.cuda_graph import GraphedTrainingStep, why_not_captured
 
-    model_config.validate()
-    if model_config.vocab_size != data.tokenizer.vocab_size:
-        raise MinimosaicError(f"the model's vocab_size {model_config.vocab_size} differs from the "
-                              f"tokenizer's {data.tokenizer.vocab_size}: set it from the tokenizer")
-    device = config.device
-    if device == "gpu":
-        backend.set_tf32(config.tf32)
-    check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
-    out = prepare_out(config.out, resume)
+    with world.collective_errors():
+        model_config.validate()
+        if model_config.vocab_size != data.tokenizer.vocab_size:
+            raise MinimosaicError(f"the model's vocab_size {model_config.vocab_size} differs from the "
+                                  f"tokenizer's {data.tokenizer.vocab_size}: set it from the tokenizer")
+        device = config.device
+        if device == "gpu":
+            backend.set_tf32(config.tf32)
+        check_split_lengths(data.train_ids, data.val_ids, model_config.block_size)
+        if world.is_root:  # only rank 0 writes the run folder
+            out = prepare_out(config.out, resume)
+            stale_files, stale_bytes = remove_stale_temporaries(out)
+        else:
+            out, stale_files, stale_bytes = Path(config.out).expanduser(), 0, 0
+            if resume and not checkpoint_path(out, LATEST).exists():
+                raise MinimosaicError(f"rank {world.rank} cannot read {checkpoint_path(out, LATEST)}: every rank "
+                                      f"reads the checkpoint it resumes (on several machines, a shared folder)")
+        nn.manual_seed(config.seed)
+        model = build_model(model_config).to(device, dtype=np.float64 if config.precision == "fp64" else None)
+        params = model.named_parameters()
+        optimizer = optim.AdamW(optim.weight_decay_groups(params, config.weight_decay), lr=config.lr,
+                                betas=(0.9, 0.95), weight_decay=config.weight_decay)
+        schedule = optim.CosineSchedule(config.lr, config.min_lr, config.warmup, config.steps)
+        sampler = BatchSampler(data.train_ids, model_config.block_size, config.batch_size, seed=config.seed)
+        val_batches = eval_batches(data.val_ids, model_config.block_size, config.batch_size,
+                                   config.eval_batches)
+        step, best_val, val_loss, elapsed = 0, math.inf, None, 0.0
+        scaler = LossScaler() if config.precision == "fp16" else None
+
+        if resume:
+            arrays, meta = checkpoint.load_checkpoint(out, LATEST)
+            check_resume(meta, model_config, config, data, out)
+            model.load_state_dict(_model_state(arrays))
+            optimizer.load_state_dict({"steps": meta["optimizer_steps"],
+                                       "m": [arrays[f"optim.m.{i}"] for i in range(len(optimizer.m))],
+                                       "v": [arrays[f"optim.v.{i}"] for i in range(len(optimizer.v))]})
+            sampler.load_state(meta["sampler_state"])
+            if scaler is not None and meta.get("loss_scaler"):
+                scaler.load_state(meta["loss_scaler"])
+            _set_rng_state(meta["rng_state"])
+            if device == "gpu":  # CuPy's generator state is not saved: a fresh, reproducible stream
+                backend.array_module(device).random.seed(config.seed + meta["step"])
+            step, elapsed = meta["step"], meta["elapsed_s"]
+            best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
+            val_loss = meta.get("val_loss")
+            if world.is_root:
+                _keep_log_until(out / LOG_FILE, step)
+        elif world.is_root:
+            (out / LOG_FILE).write_text("")  # a log without a checkpoint is from a run that died young
+
+    world.broadcast_parameters(model.parameters())  # one start everywhere, checked to be one
+    world.check_same(dict(model=model_config.to_dict(), train=dataclasses.asdict(config), step=step,
+                          tokenizer=data.tokenizer.spec(), text=data.text_sha256),
+                     [p.data for p in model.parameters()] + list(optimizer.m) + list(optimizer.v))
     latest = checkpoint_path(out, LATEST)
-    stale_files, stale_bytes = remove_stale_temporaries(out)
-
-    nn.manual_seed(config.seed)
-    model = build_model(model_config).to(device)
-    params = model.named_parameters()
-    optimizer = optim.AdamW(optim.weight_decay_groups(params, config.weight_decay), lr=config.lr,
-                            betas=(0.9, 0.95), weight_decay=config.weight_decay)
-    schedule = optim.CosineSchedule(config.lr, config.min_lr, config.warmup, config.steps)
-    sampler = BatchSampler(data.train_ids, model_config.block_size, config.batch_size, seed=config.seed)
-    val_batches = eval_batches(data.val_ids, model_config.block_size, config.batch_size,
-                               config.eval_batches)
-    step, best_val, val_loss, elapsed = 0, math.inf, None, 0.0
-    scaler = LossScaler() if config.precision == "fp16" else None
-
-    if resume:
-        arrays, meta = checkpoint.load_checkpoint(out, LATEST)
-        check_resume(meta, model_config, config, data, out)
-        model.load_state_dict(_model_state(arrays))
-        optimizer.load_state_dict({"steps": meta["optimizer_steps"],
-                                   "m": [arrays[f"optim.m.{i}"] for i in range(len(optimizer.m))],
-                                   "v": [arrays[f"optim.v.{i}"] for i in range(len(optimizer.v))]})
-        sampler.load_state(meta["sampler_state"])
-        if scaler is not None and meta.get("loss_scaler"):
-            scaler.load_state(meta["loss_scaler"])
-        _set_rng_state(meta["rng_state"])
-        if device == "gpu":  # CuPy's generator state is not saved: a fresh, reproducible stream
-            backend.array_module(device).random.seed(config.seed + meta["step"])
-        step, elapsed = meta["step"], meta["elapsed_s"]
-        best_val = meta["best_val_loss"] if meta["best_val_loss"] is not None else math.inf
-        val_loss = meta.get("val_loss")
-        _keep_log_until(out / LOG_FILE, step)
-    else:
-        (out / LOG_FILE).write_text("")  # a log without a checkpoint is from a run that died young
 
     tokens_per_step = config.batch_size * config.grad_accum * model_config.block_size
     meta_common = dict(model_config=model_config.to_dict(), train_config=dataclasses.asdict(config),
@@ -596,7 +629,7 @@ def _train(model_config, config, data, resume, logger):
                        dataset=dict(name=data.name, source=data.source, text_sha256=data.text_sha256))
     graphed = None  # the step as a CUDA graph, where it can be one
     why_eager = "--no-cuda-graph" if not config.cuda_graph else why_not_captured(
-        device, model_config.dropout, config.grad_accum, config.precision)
+        device, model_config.dropout, config.grad_accum, config.precision, world.size)
     if why_eager is None:
         graphed = GraphedTrainingStep(model, optimizer, config.grad_clip)
     logger.begin(dict(step_mode="CUDA graph" if graphed else f"eager ({why_eager})",
@@ -605,9 +638,11 @@ def _train(model_config, config, data, resume, logger):
                       model_config=meta_common["model_config"], train_config=meta_common["train_config"],
                       n_params=meta_common["n_params"], start_step=step, dataset=data.name,
                       train_tokens=len(data.train_ids), val_tokens=len(data.val_ids),
-                      tokens_per_step=tokens_per_step))
+                      tokens_per_step=tokens_per_step, ranks=world.size, world=world.describe()))
 
     def save(name, with_optimizer=True):
+        if not world.is_root:
+            return
         meta = dict(meta_common, step=step, val_loss=val_loss,
                     elapsed_s=elapsed + time.perf_counter() - loop_start,
                     best_val_loss=None if best_val == math.inf else best_val,
@@ -646,6 +681,8 @@ def _train(model_config, config, data, resume, logger):
         return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint was saved yet"
 
     def write(record):
+        if not world.is_root:
+            return
         try:
             with open(out / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -669,18 +706,21 @@ def _train(model_config, config, data, resume, logger):
                 loss, grad_norm = graphed(*sampler.next_batch(), lr)
                 loss_mean, grad_norm = loss.copy(), grad_norm.copy()  # the next replay overwrites both
             else:  # host batches: the ids are checked there, then copied over
-                batches = [sampler.next_batch() for _ in range(config.grad_accum)]
+                batches = [world.shard(*sampler.next_batch()) for _ in range(config.grad_accum)]
                 loss_mean, grad_norm = training_step(model, optimizer, batches, lr, config.grad_clip,
-                                                     config.precision, scaler)
+                                                     config.precision, scaler, world)
             step += 1
             pending.append((step, loss_mean, grad_norm, lr))
             out_of_time = bool(config.time_limit) and step < config.steps and (
                 time.perf_counter() - loop_start >= config.time_limit)  # a fresh budget per invocation
+            if config.time_limit:
+                out_of_time, = world.any(out_of_time)  # every rank stops at the same step
             evaluating = step % config.eval_interval == 0 or step == config.steps or out_of_time
             if evaluating or step % config.log_interval == 0:
                 record = summarize()  # before anything is saved: a non-finite loss never reaches a checkpoint
                 if evaluating:
-                    val_loss = evaluate(model, val_batches, device)
+                    val_loss = world.average(evaluate(model, [world.shard(x, y) for x, y in val_batches],
+                                                      device))
                     if not math.isfinite(val_loss):
                         raise MinimosaicError(f"validation loss became {val_loss} at step {step}: lower "
                                               f"--lr or raise --warmup; {last_good()}")
@@ -692,8 +732,8 @@ def _train(model_config, config, data, resume, logger):
                     if improved:
                         save(BEST, with_optimizer=False)
                 interval_start = time.perf_counter()  # evaluation and saving do not count as throughput
-            if interrupt["set"]:  # Ctrl-C: finish the step, log and save it, stop
-                interrupted = True
+            interrupted, = world.any(interrupt["set"])
+            if interrupted:  # Ctrl-C (on any rank): finish the step, log and save it, stop
                 if pending:
                     write(summarize())
                 if not evaluating:

@@ -10,6 +10,7 @@ asked for the plain core (`--plain`, or MINIMOSAIC_PLAIN=1); `import minimosaic`
   cpu.py          the CPU runtime: a thread pool over OpenBLAS, blocked passes, glibc's allocator
   cuda_kernels.py hand-written CUDA kernels for the GPU's hot spots (CuPy RawModule / ElementwiseKernel)
   cuda_graph.py   the training step recorded once as a CUDA graph and replayed
+  distributed.py  data parallelism: ranks over MPI (or NCCL on GPUs), the gradients all-reduced
 
 tests/test_fast.py checks every replacement against its plain function (values and gradients, float64
 and float32, CPU and GPU); tests/test_core_is_plain.py checks that the core does not know about this.

@@ -36,12 +36,16 @@ from . import cuda_kernels
 from . import ops as fast_ops
 
 
-def why_not_captured(device, dropout, grad_accum, precision="fp32"):
+def why_not_captured(device, dropout, grad_accum, precision="fp32", ranks=1):
     """None when a training run can replay its step from a CUDA graph, else the reason in a few words."""
     if device != "gpu":
         return "CUDA graphs are a GPU feature"
-    if precision != "fp32":
+    if precision == "fp16":
         return "loss scaling checks each step's gradients for overflow on the host"
+    if precision != "fp32":
+        return "the step is recorded for float32 only"
+    if ranks > 1:
+        return "data-parallel steps all-reduce through NCCL between the backward and the update"
     if dropout:
         return "dropout would replay the same mask every step"
     if grad_accum != 1:
