@@ -43,6 +43,17 @@ Parameters (names relative to the memory, as in state_dict; d = n_embd, H = n_he
                  log_scale  (H,)     log sigma'_h / 10, init log sigma' = -0.5
                  W_o.weight (d, d)   output projection
 Projections are initialised N(0, 1/d) (std 1/sqrt(fan_in)), output projections N(0, 1/(d n_layer)).
+
+Memory Mosaics v2 (Zhang & Bottou, arXiv 2507.03285; options, all off by default; docs/memory-mosaics.md
+gives our reading of the paper and what we could not check):
+  adaptive bandwidth  beta_h(n) = beta1_h n^alpha_h + beta0_h, n the pairs a query may read;
+                      unit keys, y_t = sum_s softmax_s(2 beta(n_t) k_t . k_s) v_s     AdaptiveBandwidth
+  gated keys          kbar_t = g_t W_k x_t + lambda_t kbar_{t-1},  g_t = exp(w_g . x_t),
+                      lambda_t = exp(-|b_h + w_lambda . x_t|)                       gated_leaky_average
+  three levels        long-term: pairs s < t - m;  short-term: pairs t - w <= s < t   memory_mask
+Their parameters: KeyExtractor(gated=True) W_gate.weight, W_decay.weight (d, H), zero at init (the
+2024 keys); KeyExtractor(scaled=False) has no log_scale; ContextMemory(adaptive_bandwidth=True)
+bandwidth.{log_beta0, log_beta1} (H,) (log beta / 10, init 0) and bandwidth.alpha_logit (H,) (init 0).
 """
 import math
 

@@ -38,6 +38,11 @@ documents the memories' own parameters and their 10x-faster storage):
                 blocks.i.ln_2.weight (d,), blocks.i.mlp.W_in.weight (d, 4d), blocks.i.mlp.W_out.weight (4d, d)
                 ln_f.weight (d,)
 Linear weights are (in, out): y = x @ W. With bias=True every Linear and LayerNorm also has `.bias`.
+Memory Mosaics v2 options (ModelConfig adaptive_bandwidth, gated_keys, memory_levels; all off by default)
+add: with memory_levels 3, blocks.i.long_term.* and blocks.i.short_term.* (each a context memory) in place
+of blocks.i.context.*; with gated_keys, <memory>.key.W_gate.weight and .W_decay.weight (d, H); with
+adaptive_bandwidth, <memory>.bandwidth.{log_beta0, log_beta1, alpha_logit} (H,) and no <memory>.key.log_scale
+(the context memories only; the persistent memory stays the 2024 one).
 
 Dropout p (as the official code, in training only): on the embedding, on each residual branch, and on
 the attention weights of both memories and of the GPT's attention.
