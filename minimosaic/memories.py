@@ -429,8 +429,9 @@ class ContextMemory(nn.Module):
             keys = ops.concatenate([Tensor(cache["keys"]), k], axis=2)           # (B, H, past - first + T, hs)
             values = ops.concatenate([Tensor(cache["values"]), v], axis=2)
         if cache is not None:  # keep what the next query may use (the last value is incomplete)
-            start = first if self.window is None else max(first, past + T - self.window)
-            cache["first"] = start
+            start = first
+            if self.window is not None:  # the short-term memory: only the last `window` pairs
+                start = cache["first"] = max(first, past + T - self.window)
             cache["keys"], cache["values"] = keys.data[:, :, start - first:], values.data[:, :, start - first:-1]
         mask = self.mask(k.xp, T, past, first)
         y = softmax_attention(self.queries(k, mask), keys, values, mask=mask,
