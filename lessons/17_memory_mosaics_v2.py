@@ -17,7 +17,8 @@
 # *Memory Mosaics at scale* (Zhang & Bottou, [arXiv 2507.03285](https://arxiv.org/abs/2507.03285))
 # trains Memory Mosaics at the size of large language models and changes three things in the
 # architecture (its section 3). minimosaic has each of them as an option of the model, off by default
-# (so the default model stays the 2024 one of lessons 7-11):
+# (so the default model stays the 2024 one of lessons 7-11). The exact forms below are our reading of
+# the paper; `docs/memory-mosaics.md` lists each choice we made where we could not check it:
 #
 # | change | what it does | option |
 # |---|---|---|
@@ -234,8 +235,8 @@ show(fig, "gates_over_a_sequence")
 # %% [markdown]
 # ## 3. Three levels of memory
 #
-# Reading the attention maps of trained Memory Mosaics, the paper finds heads of two kinds: some look
-# at the last few tokens, others far back. v2 makes that split explicit. Per block there are now
+# A context memory serves two kinds of questions: what just happened (the last few tokens) and what
+# happened long ago (a name met pages earlier). v2 gives each its own memory. Per block there are now
 # three associative memories:
 #
 # * a **short-term** memory that holds only the pairs of the last $w$ positions: $t - w \le s < t$

@@ -292,6 +292,23 @@ def test_fast_layer_gives_the_plain_core_result_for_v2_models(rng, option, monke
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+def test_v2_model_under_fp16_autocast_keeps_float32_sums_parameters_and_loss(rng):
+    from minimosaic import precision
+    x16 = Tensor(rng.standard_normal((1, 2, 5, 3)).astype(np.float16))
+    gate, decay = (Tensor(rng.uniform(0.2, 0.9, (1, 2, 5)).astype(np.float16)) for _ in range(2))
+    assert mm.gated_leaky_average(x16, gate, decay).dtype == np.float32  # the leaky sums stay float32
+    model = tiny(dtype=np.float32, **OPTIONS["all three"])
+    ids = random_ids(rng, (2, 9))
+    with no_grad():
+        reference = model.loss(ids[:, :-1], ids[:, 1:]).item()
+    with precision.autocast("fp16"):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert loss.dtype == np.float32 and abs(loss.item() - reference) < 0.05
+    assert all(p.dtype == np.float32 and p.grad.dtype == np.float32 and np.all(np.isfinite(p.grad))
+               for p in model.parameters())
+
+
 # ---------------------------------------------------------------- the default stays the 2024 model
 def test_options_are_off_by_default_and_an_old_config_loads_as_v1():
     config = ModelConfig()
