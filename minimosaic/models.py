@@ -148,11 +148,6 @@ class ModelConfig:
             raise MinimosaicError("adaptive_bandwidth, gated_keys and memory_levels are Memory Mosaic options: "
                                   "drop them for the GPT")
 
-    @property
-    def is_v2(self):
-        """True when any Memory Mosaics v2 option is on."""
-        return bool(self.adaptive_bandwidth or self.gated_keys or self.memory_levels)
-
 
 def build_model(config):
     """The MemoryMosaic or GPT that `config` describes, initialised from nn.init_rng (seed it with

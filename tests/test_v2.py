@@ -312,7 +312,7 @@ def test_v2_model_under_fp16_autocast_keeps_float32_sums_parameters_and_loss(rng
 # ---------------------------------------------------------------- the default stays the 2024 model
 def test_options_are_off_by_default_and_an_old_config_loads_as_v1():
     config = ModelConfig()
-    assert not (config.adaptive_bandwidth or config.gated_keys or config.memory_levels) and not config.is_v2
+    assert not (config.adaptive_bandwidth or config.gated_keys or config.memory_levels)
     old = {k: v for k, v in ModelConfig(**TINY).to_dict().items()
            if k not in ("adaptive_bandwidth", "gated_keys", "memory_levels", "short_window", "long_skip")}
     assert ModelConfig.from_dict(old) == ModelConfig(**TINY)
