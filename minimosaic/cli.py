@@ -93,6 +93,14 @@ def _use_fast_layer(plain):
         fast.enable()
 
 
+def _v2_summary(m):
+    """' | v2: ...' naming the Memory Mosaics v2 options a model config turns on ('' for none)."""
+    on = [name for name in ("adaptive_bandwidth", "gated_keys") if m.get(name)]
+    if m.get("memory_levels") == 3:
+        on.append(f"memory_levels 3 (short_window {m['short_window']}, long_skip {m['long_skip']})")
+    return f" | v2: {', '.join(on)}" if on else ""
+
+
 class ConsoleLogger(trainer.TrainLogger):
     """Training progress on the terminal: a rich progress bar on a TTY, plain lines otherwise."""
 
@@ -108,7 +116,7 @@ class ConsoleLogger(trainer.TrainLogger):
         lines = [
             f"model    {m['model']}: n_layer {m['n_layer']} n_head {m['n_head']} n_embd {m['n_embd']} "
             f"block_size {m['block_size']}{pmem} dropout {m['dropout']} vocab {m['vocab_size']}"
-            f" | {info['n_params']:,} parameters",
+            f"{_v2_summary(m)} | {info['n_params']:,} parameters",
             f"data     {info['dataset']} ({t['level']} level) | train {info['train_tokens']:,} tokens, "
             f"validation {info['val_tokens']:,}",
             f"train    steps {t['steps']} | batch {t['batch_size']} x accum {t['grad_accum']} x block "
@@ -213,6 +221,19 @@ def train(
                              "evaluation and checkpoint (0: no limit; a resumed run gets a fresh budget)",
                              key="time_limit"),
     out: Path = _opt("run folder for checkpoints, log.jsonl and plots", shown="runs/<model>-<level>-<data>"),
+    adaptive_bandwidth: bool = typer.Option(False, "--adaptive-bandwidth",
+                                            help="Memory Mosaics v2 (mosaic): the context memories' kernel "
+                                                 "bandwidth scheduled on the number of stored pairs, beta = "
+                                                 "beta1 n^alpha + beta0, learned per head"),
+    gated_keys: bool = typer.Option(False, "--gated-keys",
+                                    help="Memory Mosaics v2 (mosaic): keys from a leaky average whose gate and "
+                                         "decay depend on the input"),
+    memory_levels: int = _opt("Memory Mosaics v2 (mosaic): 3 splits the context memory into a short-term and a "
+                              "long-term memory beside the persistent one",
+                              shown="off, the 2024 model's context and persistent memory"),
+    short_window: int = _opt("with --memory-levels 3: pairs the short-term memory holds", key="short_window"),
+    long_skip: int = _opt("with --memory-levels 3: most recent pairs the long-term memory skips",
+                          key="long_skip"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its latest.npz"),
     plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
     nproc: int = typer.Option(None, min=1, show_default=False,
@@ -222,6 +243,12 @@ def train(
 ):
     if nproc is not None:
         _start_ranks(nproc)
+    if memory_levels is not None and memory_levels != 3:
+        raise MinimosaicError(f"--memory-levels {memory_levels}: use 3 (short-term, long-term and persistent "
+                              f"memory), or leave it out for the 2024 model")
+    for flag, value in (("--short-window", short_window), ("--long-skip", long_skip)):
+        if value is not None and memory_levels is None and not resume:
+            raise MinimosaicError(f"{flag} applies to --memory-levels 3 only: add --memory-levels 3, or drop it")
     overrides = dict(model=model and model.value, level=level and level.value, tokenizer=tokenizer,
                      vocab_size=vocab_size, data=data, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                      block_size=block_size, batch_size=batch_size, pmem_size=pmem_size, dropout=dropout,
@@ -229,7 +256,9 @@ def train(
                      grad_clip=grad_clip, grad_accum=grad_accum, eval_interval=eval_interval,
                      eval_batches=eval_batches, log_interval=log_interval, seed=seed, device=device,
                      tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None, precision=precision,
-                     time_limit=time_limit)
+                     time_limit=time_limit, adaptive_bandwidth=adaptive_bandwidth or None,
+                     gated_keys=gated_keys or None, memory_levels=memory_levels, short_window=short_window,
+                     long_skip=long_skip)
     overrides.update(out=out and str(out), plain=plain or None)
     from .fast import distributed
     world = distributed.world_from_environment()  # one process, or a rank of `mpiexec -n N`
@@ -426,22 +455,35 @@ def explain(
         raise MinimosaicError(f"--layer {bad[0]}: this model has layers 0..{len(inspection) - 1}")
     labels = [_token_label(tokenizer, i) for i in ids]
     console = Console(highlight=False)
+    mosaic = meta["model_config"]["model"] == "mosaic"
     for i in layers:
-        context = inspection[i]["context"][0]  # (H, T, T)
-        persistent = inspection[i].get("persistent")
-        memory = "context memory" if meta["model_config"]["model"] == "mosaic" else "attention"
-        table = Table(title=f"layer {i}: top {memory} retrievals (token@position weight)"
+        found = inspection[i]
+        memories = [name for name in _CONTEXT_LEVELS if name in found]
+        persistent = found.get("persistent")
+        title = ", ".join(_CONTEXT_LEVELS[name] for name in memories) if mosaic else "attention"
+        table = Table(title=f"layer {i}: top {title} retrievals (token@position weight)"
                       + (" and persistent slots" if persistent is not None else ""), show_lines=True)
         table.add_column("pos", justify="right")
         table.add_column("token")
-        for h in range(context.shape[0]):
+        if "levels" in found:
+            table.add_column("answered by\n(share of |output|)")
+        n_head = found[memories[0]].shape[1]
+        for h in range(n_head):
             table.add_column(f"head {h}")
         for t in range(len(ids)):
-            cells = []
-            for h in range(context.shape[0]):
-                weights = context[h, t]
-                best = [s for s in np.argsort(-weights, kind="stable")[:top] if weights[s] > 0]
-                lines = [f"{labels[s]}@{s} {weights[s]:.2f}" for s in best]
+            cells = [_level_shares(found["levels"], t)] if "levels" in found else []
+            for h in range(n_head):
+                lines = []
+                for name in memories:
+                    prefix = "" if len(memories) == 1 else f"{name.split('_')[0]}: "
+                    weights = found[name][0, h, t]
+                    best = [s for s in np.argsort(-weights, kind="stable")[:top] if weights[s] > 0]
+                    lines += [f"{prefix}{labels[s]}@{s} {weights[s]:.2f}" for s in best]
+                    if "bandwidth" in found:
+                        lines.append(f"{prefix}beta {found['bandwidth'][name][h, t]:.2f}")
+                    if "gates" in found:
+                        gate, decay = found["gates"][name]
+                        lines.append(f"{prefix}gate {gate[0, h, t]:.2f} decay {decay[0, h, t]:.2f}")
                 if persistent is not None:
                     slots = np.argsort(-persistent[0, h, t], kind="stable")[:top]
                     lines.append("slots " + ", ".join(f"{s} {persistent[0, h, t, s]:.2f}" for s in slots))
@@ -449,9 +491,23 @@ def explain(
             table.add_row(str(t), labels[t], *cells)
         console.print(table)
     if heatmap is not None:
-        png = plots.plot_retrieval([inspection[i]["context"][0] for i in layers], labels, heatmap,
-                                   title=f"retrieval weights, layers {layers}")
+        maps = [(i, name) for i in layers for name in _CONTEXT_LEVELS if name in inspection[i]]
+        png = plots.plot_retrieval([inspection[i][name][0] for i, name in maps], labels, heatmap,
+                                   title="retrieval weights, " + ", ".join(
+                                       f"layer {i}" + ("" if name == "context" else f" {name}") for i, name in maps))
         typer.echo(f"wrote {png}")
+
+
+_CONTEXT_LEVELS = {"context": "context memory", "long_term": "long-term memory", "short_term": "short-term memory"}
+
+
+def _level_shares(levels, t):
+    """Each memory's share of what the block added at position t, the largest marked *: which level answered."""
+    size = {name: float(norms[0, t]) for name, norms in levels.items()}
+    total = sum(size.values()) or 1.0
+    top = max(size, key=size.get)
+    return "\n".join(f"{name.replace('_', '-')} {value / total:.2f}{' *' if name == top else ''}"
+                     for name, value in size.items())
 
 
 @app.command()

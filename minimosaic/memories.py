@@ -43,6 +43,17 @@ Parameters (names relative to the memory, as in state_dict; d = n_embd, H = n_he
                  log_scale  (H,)     log sigma'_h / 10, init log sigma' = -0.5
                  W_o.weight (d, d)   output projection
 Projections are initialised N(0, 1/d) (std 1/sqrt(fan_in)), output projections N(0, 1/(d n_layer)).
+
+Memory Mosaics v2 (Zhang & Bottou, arXiv 2507.03285; options, all off by default; docs/memory-mosaics.md
+gives our reading of the paper and what we could not check):
+  adaptive bandwidth  beta_h(n) = beta1_h n^alpha_h + beta0_h, n the pairs a query may read;
+                      unit keys, y_t = sum_s softmax_s(2 beta(n_t) k_t . k_s) v_s     AdaptiveBandwidth
+  gated keys          kbar_t = g_t W_k x_t + lambda_t kbar_{t-1},  g_t = exp(w_g . x_t),
+                      lambda_t = exp(-|b_h + w_lambda . x_t|)                       gated_leaky_average
+  three levels        long-term: pairs s < t - m;  short-term: pairs t - w <= s < t   memory_mask
+Their parameters: KeyExtractor(gated=True) W_gate.weight, W_decay.weight (d, H), zero at init (the
+2024 keys); KeyExtractor(scaled=False) has no log_scale; ContextMemory(adaptive_bandwidth=True)
+bandwidth.{log_beta0, log_beta1} (H,) (log beta / 10, init 0) and bandwidth.alpha_logit (H,) (init 0).
 """
 import math
 
@@ -106,6 +117,21 @@ def causal_mask(xp, queries, past, include_present):
     return xp.tri(queries, past + queries, past if include_present else past - 1, dtype=bool)
 
 
+def memory_mask(xp, queries, past, first=0, skip=0, window=None):
+    """(queries, past + queries - first) boolean: the query at position p = past + i may use the pair stored
+    at position s = first + j when s < p - skip and, with a window, s >= p - window.
+
+    The present (s = p) is never used: v_p already holds x_{p+1}. skip = 0, window = None, first = 0 is the
+    2024 context memory (causal_mask with include_present=False); skip m is v2's long-term memory (it
+    skips the m most recent pairs), window w its short-term memory (only the w most recent pairs), and
+    first > 0 says the cache dropped the pairs before position `first` (the short-term memory's window).
+    """
+    p = xp.arange(past, past + queries)[:, None]
+    s = xp.arange(first, past + queries)[None, :]
+    allowed = s < p - skip
+    return allowed if window is None else allowed & (s >= p - window)
+
+
 # ---------------------------------------------------------------- leaky average (keys)
 @replaceable
 def leaky_average(x, decay):
@@ -129,6 +155,37 @@ def leaky_average(x, decay):
             a[:, :, t] = g[:, :, t] + lam * a[:, :, t + 1]
         return a, (a[:, :, 1:] * kbar[:, :, :-1]).sum(axis=(0, 2, 3))
     return make_result(kbar, (x, decay), backward)
+
+
+def gated_leaky_average(x, gate, decay, initial=None):
+    """kbar_t = g_t x_t + lambda_t kbar_{t-1},  kbar_{-1} = initial (or 0): the leaky average of v2
+    (arXiv 2507.03285, section 3.2), whose gate g_t and decay lambda_t depend on the input at t.
+    x (B, H, T, hs); gate, decay (B, H, T): one number per head and position; initial (B, H, 1, hs), a
+    constant (the sum carried over from earlier text by the generation cache).
+
+    Backward, with a_t = dL/dkbar_t (the upstream gradient g'_t plus all that flows back from later sums):
+        a_t = g'_t + lambda_{t+1} a_{t+1},   a_{T-1} = g'_{T-1}        (the recurrence, backwards in time)
+        dL/dx_t = g_t a_t,   dL/dg_t = a_t . x_t,   dL/dlambda_t = a_t . kbar_{t-1}   (over channels)
+    """
+    x, gate, decay = (ops.full_precision(a) for a in (x, gate, decay))
+    xp, T = x.xp, x.shape[2]
+    g, lam = gate.data[..., None], decay.data[..., None]                         # (B, H, T, 1)
+    kbar = xp.empty(x.shape, x.dtype)
+    before = xp.zeros(x.shape, x.dtype)                                          # kbar_{t-1}, for the backward
+    if initial is not None:
+        before[:, :, 0] = initial[:, :, 0]
+    for t in range(T):
+        kbar[:, :, t] = g[:, :, t] * x.data[:, :, t] + lam[:, :, t] * before[:, :, t]
+        if t + 1 < T:
+            before[:, :, t + 1] = kbar[:, :, t]
+
+    def backward(grad):
+        a = xp.empty(grad.shape, grad.dtype)
+        a[:, :, T - 1] = grad[:, :, T - 1]
+        for t in range(T - 2, -1, -1):
+            a[:, :, t] = grad[:, :, t] + lam[:, :, t + 1] * a[:, :, t + 1]
+        return a * g, (a * x.data).sum(axis=-1), (a * before).sum(axis=-1)
+    return make_result(kbar, (x, gate, decay), backward)
 
 
 # ---------------------------------------------------------------- peek ahead (values), normalize
@@ -230,13 +287,21 @@ class KeyExtractor(nn.Module):
 
     forward(x (B, T, C), cache=None) -> keys (B, H, T, hs). With a `cache` dict (generation), the leaky
     sum continues from cache['kbar'] and leaves its last value there.
+
+    v2 options (arXiv 2507.03285): gated=True makes the leak input-dependent, kbar_t = g_t W_k x_t +
+    lambda_t kbar_{t-1} (`gates`, `gated_leaky_average`); scaled=False leaves the keys at unit norm, for a
+    memory whose bandwidth is scheduled separately (`AdaptiveBandwidth`).
     """
 
-    def __init__(self, n_embd, n_head, bias=False, scale_power=1):
-        self.n_head, self.scale_power = n_head, scale_power
+    def __init__(self, n_embd, n_head, bias=False, scale_power=1, gated=False, scaled=True):
+        self.n_head, self.scale_power, self.gated, self.scaled = n_head, scale_power, gated, scaled
         self.W_k = nn.Linear(n_embd, n_embd, bias=bias)
         self.leak_rate = _per_head_scalar(np.linspace(0.5, 5.0, n_head))
-        self.log_scale = _per_head_scalar(np.ones(n_head))
+        if scaled:
+            self.log_scale = _per_head_scalar(np.ones(n_head))
+        if gated:  # zero weights: at init g_t = 1 and lambda_t = lambda_h, the 2024 leaky average exactly
+            self.W_gate = nn.Linear(n_embd, n_head, std=0.0)
+            self.W_decay = nn.Linear(n_embd, n_head, std=0.0)
 
     def decay(self):
         """lambda_h = exp(-b_h), b_h = |EXP_SCALING leak_rate| >= 0.   (H,)"""
@@ -246,16 +311,28 @@ class KeyExtractor(nn.Module):
         """s_h^p = exp(min(p EXP_SCALING log_scale, log(2^16 - 1))), shaped (H, 1, 1) to scale (B, H, T, hs)."""
         return head_scale(self.log_scale, EXP_SCALING * self.scale_power, LOG_SCALE_MAX)
 
+    def gates(self, x):
+        """(g, lambda), each (B, H, T):  g_t = exp(w_g,h . x_t),  lambda_t = exp(-|b_h + w_lambda,h . x_t|),
+        b_h = EXP_SCALING leak_rate_h (the 2024 rate becomes the gate's bias)."""
+        to_heads = lambda z: ops.transpose(z, (0, 2, 1))                       # (B, T, H) -> (B, H, T)
+        gate = ops.exp(to_heads(project(self.W_gate, x)))
+        rate = to_heads(project(self.W_decay, x)) + self.leak_rate.reshape(-1, 1) * EXP_SCALING
+        return gate, ops.exp(-ops.abs(rate))
+
     def forward(self, x, cache=None):
-        decay = self.decay()
-        kbar = leaky_average(split_heads(project(self.W_k, x), self.n_head), decay)  # (B, H, T, hs)
-        if cache is not None:
-            if "kbar" in cache:  # continue the sum: + lambda^(t+1) kbar_before (a constant)
+        raw = split_heads(project(self.W_k, x), self.n_head)                     # (B, H, T, hs)
+        if self.gated:
+            kbar = gated_leaky_average(raw, *self.gates(x), None if cache is None else cache.get("kbar"))
+        else:
+            decay = self.decay()
+            kbar = leaky_average(raw, decay)
+            if cache is not None and "kbar" in cache:  # continue the sum: + lambda^(t+1) kbar_before (a constant)
                 steps = kbar.xp.arange(1, kbar.shape[2] + 1, dtype=kbar.dtype)
                 carried = (decay.data[:, None] ** steps)[:, :, None] * cache["kbar"]
                 kbar = kbar + Tensor(carried)
+        if cache is not None:
             cache["kbar"] = kbar.data[:, :, -1:]                                 # (B, H, 1, hs)
-        return normalize(kbar, self.scale())
+        return normalize(kbar, self.scale() if self.scaled else None)
 
 
 class ValueExtractor(nn.Module):
@@ -284,39 +361,96 @@ class ValueExtractor(nn.Module):
 
 
 # ---------------------------------------------------------------- the two memories
+class AdaptiveBandwidth(nn.Module):
+    """beta_h(n) = beta1_h n^alpha_h + beta0_h: the kernel's inverse bandwidth as a function of the number n
+    of (key, value) pairs the memory holds (v2, arXiv 2507.03285, section 3.1). Kernel regression wants a
+    narrower kernel (larger beta) the more pairs it averages over; how much narrower is learned per head.
+
+    beta0 = exp(10 log_beta0), beta1 = exp(10 log_beta1) > 0 (stored / EXP_SCALING like the other per-head
+    scalars), alpha = sigmoid(alpha_logit) in (0, 1). Init beta0 = beta1 = 1, alpha = 1/2.
+    """
+
+    def __init__(self, n_head):
+        self.log_beta0 = _per_head_scalar(np.zeros(n_head))
+        self.log_beta1 = _per_head_scalar(np.zeros(n_head))
+        self.alpha_logit = nn.Parameter(np.zeros(n_head, np.float32))
+
+    def forward(self, counts):
+        """counts (Tq,): pairs the memory holds for each query -> beta (H, Tq, 1)."""
+        xp, dtype = self.alpha_logit.xp, self.alpha_logit.dtype
+        # n = 0 (an empty memory, whose answer is 0 anyway) is taken as 1: log 0 would make dbeta/dalpha NaN
+        log_n = Tensor(xp.log(xp.maximum(xp.asarray(counts), 1)).astype(dtype)[None, :, None])  # (1, Tq, 1)
+        alpha = ops.sigmoid(self.alpha_logit).reshape(-1, 1, 1)                     # (H, 1, 1)
+        beta0 = ops.exp(self.log_beta0 * EXP_SCALING).reshape(-1, 1, 1)
+        beta1 = ops.exp(self.log_beta1 * EXP_SCALING).reshape(-1, 1, 1)
+        return beta1 * ops.exp(alpha * log_n) + beta0                              # (H, Tq, 1)
+
+
 class ContextMemory(nn.Module):
     """y_t = W_o [sum_{s<t} softmax_s(k_t . k_s) v_s]_heads,  y_0 = W_o 0: an associative memory of the
     (key, value) pairs of this sequence so far.
 
     forward(x (B, T, C), cache=None) -> (B, T, C). With a `cache` dict (generation) the stored keys and
     the completed values of earlier calls are kept in it, so the next call attends to them.
+
+    v2 options (arXiv 2507.03285, all off by default): gated_keys (section 3.2, `KeyExtractor.gates`);
+    adaptive_bandwidth (section 3.1): unit keys and y_t = sum_s softmax_s(2 beta(n_t) k_t . k_s) v_s, the
+    Gaussian kernel exp(-beta |k_t - k_s|^2) with n_t the pairs position t may use; skip m (the long-term
+    memory of section 3.3: only pairs s < t - m) and window w (the short-term memory: only t - w <= s < t).
+    With a window the cache keeps only the last w pairs.
     """
 
-    def __init__(self, n_embd, n_head, n_layer=1, bias=False, dropout=0.0):
-        self.n_head, self.dropout = n_head, dropout
-        self.key = KeyExtractor(n_embd, n_head, bias)
+    def __init__(self, n_embd, n_head, n_layer=1, bias=False, dropout=0.0, gated_keys=False,
+                 adaptive_bandwidth=False, skip=0, window=None):
+        self.n_head, self.dropout, self.skip, self.window = n_head, dropout, skip, window
+        self.key = KeyExtractor(n_embd, n_head, bias, gated=gated_keys, scaled=not adaptive_bandwidth)
         self.value = ValueExtractor(n_embd, n_head, bias)
         self.W_o = nn.Linear(n_embd, n_embd, bias=bias, std=(n_embd * n_layer) ** -0.5)
+        self.bandwidth = AdaptiveBandwidth(n_head) if adaptive_bandwidth else None
+
+    def mask(self, xp, queries, past=0, first=0):
+        return memory_mask(xp, queries, past, first, self.skip, self.window)
+
+    def queries(self, k, mask):
+        """k itself (the key scale is the bandwidth), or 2 beta(n_t) k_t with the adaptive bandwidth, n_t the
+        number of pairs row t of the mask lets query t use."""
+        if self.bandwidth is None:
+            return k
+        return k * (2 * self.bandwidth(mask.sum(axis=-1)))                       # (B, H, T, hs)
 
     def forward(self, x, cache=None):
         B, T, C = x.shape
         k = self.key(x, cache)                                                   # (B, H, T, hs)
         v = self.value(x, cache)                                                 # (B, H, T(+1), hs)
-        keys, values, past = k, v, 0
+        keys, values, past, first = k, v, 0, 0
         if cache is not None and "keys" in cache:
-            past = cache["keys"].shape[2]
-            keys = ops.concatenate([Tensor(cache["keys"]), k], axis=2)           # (B, H, past + T, hs)
+            first = cache.get("first", 0)
+            past = first + cache["keys"].shape[2]
+            keys = ops.concatenate([Tensor(cache["keys"]), k], axis=2)           # (B, H, past - first + T, hs)
             values = ops.concatenate([Tensor(cache["values"]), v], axis=2)
-        if cache is not None:
-            cache["keys"], cache["values"] = keys.data, values.data[:, :, :-1]  # the last is incomplete
-        y = softmax_attention(k, keys, values, mask=causal_mask(k.xp, T, past, include_present=False),
+        if cache is not None:  # keep what the next query may use (the last value is incomplete)
+            start = first
+            if self.window is not None:  # the short-term memory: only the last `window` pairs
+                start = cache["first"] = max(first, past + T - self.window)
+            cache["keys"], cache["values"] = keys.data[:, :, start - first:], values.data[:, :, start - first:-1]
+        mask = self.mask(k.xp, T, past, first)
+        y = softmax_attention(self.queries(k, mask), keys, values, mask=mask,
                               dropout=self.dropout if self.training else 0.0)
         return self.W_o(merge_heads(y)).reshape(B, T, C)
 
     def kernel_weights(self, x):
-        """softmax_s(k_t . k_s) for s < t: (B, H, T, T) raw array (no graph)."""
-        k = self.key(x).data
-        return attention_weights(k, k, causal_mask(get_array_module(k), k.shape[2], 0, False))
+        """The weights over past positions that the forward pass uses: (B, H, T, T) raw array (no graph)."""
+        with no_grad():
+            k = self.key(x)
+            mask = self.mask(k.xp, k.shape[2])
+            return attention_weights(self.queries(k, mask).data, k.data, mask)
+
+    def bandwidths(self, T):
+        """beta(n_t) for positions 0..T-1: (H, T) raw array, or None without the adaptive bandwidth."""
+        if self.bandwidth is None:
+            return None
+        with no_grad():
+            return self.bandwidth(self.mask(get_array_module(self.W_o.weight.data), T).sum(axis=-1)).data[..., 0]
 
 
 class PersistentMemory(nn.Module):

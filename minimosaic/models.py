@@ -38,6 +38,11 @@ documents the memories' own parameters and their 10x-faster storage):
                 blocks.i.ln_2.weight (d,), blocks.i.mlp.W_in.weight (d, 4d), blocks.i.mlp.W_out.weight (4d, d)
                 ln_f.weight (d,)
 Linear weights are (in, out): y = x @ W. With bias=True every Linear and LayerNorm also has `.bias`.
+Memory Mosaics v2 options (ModelConfig adaptive_bandwidth, gated_keys, memory_levels; all off by default)
+add: with memory_levels 3, blocks.i.long_term.* and blocks.i.short_term.* (each a context memory) in place
+of blocks.i.context.*; with gated_keys, <memory>.key.W_gate.weight and .W_decay.weight (d, H); with
+adaptive_bandwidth, <memory>.bandwidth.{log_beta0, log_beta1, alpha_logit} (H,) and no <memory>.key.log_scale
+(the context memories only; the persistent memory stays the 2024 one).
 
 Dropout p (as the official code, in training only): on the embedding, on each residual branch, and on
 the attention weights of both memories and of the GPT's attention.
@@ -83,6 +88,12 @@ class ModelConfig:
     pmem_count: int = 1
     dropout: float = 0.0
     bias: bool = False
+    # Memory Mosaics v2 (arXiv 2507.03285), each off by default: the default model is the 2024 one
+    adaptive_bandwidth: bool = False   # section 3.1: beta = beta1 n^alpha + beta0 in the context memories
+    gated_keys: bool = False           # section 3.2: input-dependent gate and decay in the leaky keys
+    memory_levels: int | None = None   # 3 (section 3.3): short-term + long-term + persistent memory
+    short_window: int = 64             # with 3 levels: the short-term memory holds the last 64 pairs
+    long_skip: int = 64                # with 3 levels: the long-term memory skips the last 64 pairs
 
     def __post_init__(self):
         if self.pmem_size is None and isinstance(self.n_embd, int):
@@ -115,9 +126,27 @@ class ModelConfig:
                                   f"pick n_head that divides n_embd")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise MinimosaicError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.bias, (bool, np.bool_)):
-            raise MinimosaicError(f"bias must be true or false, got {self.bias!r}")
+        for name in ("bias", "adaptive_bandwidth", "gated_keys"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise MinimosaicError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self._validate_v2()
         return self
+
+    def _validate_v2(self):
+        if self.memory_levels is not None and (isinstance(self.memory_levels, bool) or self.memory_levels != 3):
+            raise MinimosaicError(f"memory_levels must be 3 (short-term, long-term and persistent memory), got "
+                                  f"{self.memory_levels!r}; leave it out for the 2024 model's context and "
+                                  f"persistent memory")
+        for name, low in (("short_window", 1), ("long_skip", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise MinimosaicError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.memory_levels == 3 and self.short_window < self.long_skip:
+            raise MinimosaicError(f"short_window {self.short_window} is below long_skip {self.long_skip}: the "
+                                  f"pairs between them would be in neither memory; use short_window >= long_skip")
+        if self.model == "gpt" and (self.adaptive_bandwidth or self.gated_keys or self.memory_levels):
+            raise MinimosaicError("adaptive_bandwidth, gated_keys and memory_levels are Memory Mosaic options: "
+                                  "drop them for the GPT")
 
 
 def build_model(config):
@@ -212,19 +241,36 @@ def _sample(logits, temperature, top_k, rng):
 
 # ---------------------------------------------------------------- Memory Mosaic
 class MosaicBlock(nn.Module):
-    """x = x + ContextMemory(LN(x));  x = x + PersistentMemory(LN(x))."""
+    """x = x + ContextMemory(LN(x));  x = x + PersistentMemory(LN(x)).
+
+    With memory_levels 3 (v2, arXiv 2507.03285, section 3.3) the context memory is split in two, which
+    read the same LN(x) and add their answers: x = x + LongTerm(LN(x)) + ShortTerm(LN(x)), the long-term
+    memory skipping the last long_skip pairs and the short-term one holding only the last short_window.
+    """
 
     def __init__(self, config):
         d, H, bias = config.n_embd, config.n_head, config.bias
+        v2 = dict(gated_keys=config.gated_keys, adaptive_bandwidth=config.adaptive_bandwidth)
         self.ln_1 = nn.LayerNorm(d, bias=bias)
-        self.context = ContextMemory(d, H, config.n_layer, bias, config.dropout)
+        if config.memory_levels == 3:
+            self.long_term = ContextMemory(d, H, config.n_layer, bias, config.dropout, skip=config.long_skip, **v2)
+            self.short_term = ContextMemory(d, H, config.n_layer, bias, config.dropout,
+                                            window=config.short_window, **v2)
+        else:
+            self.context = ContextMemory(d, H, config.n_layer, bias, config.dropout, **v2)
         self.ln_2 = nn.LayerNorm(d, bias=bias)
         self.persistent = PersistentMemory(d, H, config.pmem_size, config.pmem_count, config.n_layer, bias,
                                            config.dropout)
         self.dropout = nn.Dropout(config.dropout)
+        self.levels = ("long_term", "short_term") if config.memory_levels == 3 else ("context",)
 
     def forward(self, x, cache=None):
-        x = x + self.dropout(self.context(self.ln_1(x), _sub(cache, "context")))
+        if len(self.levels) == 1:
+            x = x + self.dropout(self.context(self.ln_1(x), _sub(cache, "context")))
+        else:
+            h = self.ln_1(x)
+            x = (x + self.dropout(self.long_term(h, _sub(cache, "long_term")))
+                 + self.dropout(self.short_term(h, _sub(cache, "short_term"))))
         return x + self.dropout(self.persistent(self.ln_2(x), _sub(cache, "persistent")))
 
 
@@ -251,21 +297,47 @@ class MemoryMosaic(LanguageModel):
         return self._logits(x)
 
     def inspect(self, ids):
-        """Per block: dict(context=(B, H, T, T) weights over past positions, persistent=(B, H, T,
-        pmem_size) weights over stored slots, averaged over banks), NumPy arrays."""
+        """Per block a dict of NumPy arrays:
+        context (B, H, T, T): weights over past positions (with memory_levels 3: long_term and short_term,
+            each (B, H, T, T), in place of context);
+        persistent (B, H, T, pmem_size): weights over stored slots, averaged over banks;
+        levels: {memory name: (B, T) |its output|}, the size of what each memory added to the residual
+            stream at each position (the one with the largest answered most);
+        bandwidth (adaptive bandwidth only): {memory name: (H, T) beta(n_t)};
+        gates (gated keys only): {memory name: ((B, H, T) g_t, (B, H, T) lambda_t)}."""
         ids, _ = self._ids(ids, None)
         found = []
         with no_grad():
             x = self.token_embedding(ids)
+            T = ids.shape[1]
             for block in self.blocks:
                 h = block.ln_1(x)
-                context = block.context.kernel_weights(h)
-                x = x + block.context(h)
+                layer, levels, added = {}, {}, 0
+                for name in block.levels:
+                    memory = getattr(block, name)
+                    layer[name] = backend.asnumpy(memory.kernel_weights(h))
+                    y = memory(h)
+                    levels[name] = _norm(y)
+                    added = added + y
+                    if memory.bandwidth is not None:
+                        layer.setdefault("bandwidth", {})[name] = backend.asnumpy(memory.bandwidths(T))
+                    if memory.key.gated:
+                        layer.setdefault("gates", {})[name] = tuple(backend.asnumpy(g.data)
+                                                                    for g in memory.key.gates(h))
+                x = x + added
                 h = block.ln_2(x)
-                found.append({"context": backend.asnumpy(context),
-                              "persistent": backend.asnumpy(block.persistent.kernel_weights(h))})
-                x = x + block.persistent(h)
+                layer["persistent"] = backend.asnumpy(block.persistent.kernel_weights(h))
+                y = block.persistent(h)
+                levels["persistent"] = _norm(y)
+                layer["levels"] = levels
+                x = x + y
+                found.append(layer)
         return found
+
+
+def _norm(y):
+    """|y_t| over channels: (B, T) NumPy."""
+    return backend.asnumpy(y.xp.sqrt((y.data * y.data).sum(axis=-1)))
 
 
 # ---------------------------------------------------------------- GPT baseline

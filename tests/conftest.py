@@ -54,6 +54,20 @@ def device(request):
 
 
 @pytest.fixture
+def used(monkeypatch):
+    """{replaced name: times its replacement did the work (did not decline)} while the test runs."""
+    from minimosaic.fast import ops as fast_ops
+    counts = {}
+    for name, replacement in list(fast_ops.REPLACEMENTS.items()):
+        def counting(*args, _name=name, _replacement=replacement, **kwargs):
+            result = _replacement(*args, **kwargs)
+            counts[_name] = counts.get(_name, 0) + (result is not NotImplemented)
+            return result
+        monkeypatch.setitem(fast_ops.REPLACEMENTS, name, counting)
+    yield counts  # (conftest's plain_core fixture: nothing is registered when the test starts)
+
+
+@pytest.fixture
 def rng():
     """A fresh seeded generator per test, so each test is reproducible on its own."""
     return np.random.default_rng(1234)
@@ -108,3 +122,23 @@ def leaky_average_as_matrix(x, decay):
     lag = t[:, None] - t[None, :]
     powers = ops.exp(ops.log(decay).reshape(-1, 1, 1) * xp.maximum(lag, 0))      # (H, T, T)
     return (powers * (lag >= 0).astype(x.dtype)) @ x
+
+
+def invoke(capsys, *args):
+    """Run `minimosaic args...` in this process: (exit code, stdout, stderr)."""
+    from minimosaic import cli
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def assert_user_error(result, *fragments):
+    """The command failed as a user mistake: exit code 2 and one line `error: ...` naming the fragments."""
+    code, out, err = result
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

@@ -6,30 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_user_error, invoke
 
 from minimosaic import backend, cli
 from minimosaic.data import generate_stories
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--pmem-size", "16",
         "--batch-size", "4", "--eval-batches", "2", "--warmup", "2", "--log-interval", "2"]
-
-
-def invoke(capsys, *args):
-    """Run `minimosaic args...` in this process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as done:
-        cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return done.value.code, captured.out, captured.err
-
-
-def assert_user_error(result, *fragments):
-    code, out, err = result
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in out + err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +137,8 @@ def test_data_lists_datasets(data_dir, capsys):
     assert_user_error(invoke(capsys, "data", "download", "nope"), "unknown dataset 'nope'")
 
 
-def test_every_help_shows_defaults(capsys):
+def test_every_help_shows_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "120")  # at 80 columns rich cuts the longest default short (with an ellipsis)
     for command in ("train", "sample", "eval", "explain", "plot", "data"):
         code, out, err = invoke(capsys, command, "--help")
         assert code == 0 and "Usage" in out, command

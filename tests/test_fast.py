@@ -41,19 +41,6 @@ def on(device, array):
     return backend.to_device(array, device)
 
 
-@pytest.fixture
-def used(monkeypatch):
-    """{replaced name: times its replacement did the work (did not decline)} while the test runs."""
-    counts = {}
-    for name, replacement in list(fast_ops.REPLACEMENTS.items()):
-        def counting(*args, _name=name, _replacement=replacement, **kwargs):
-            result = _replacement(*args, **kwargs)
-            counts[_name] = counts.get(_name, 0) + (result is not NotImplemented)
-            return result
-        monkeypatch.setitem(fast_ops.REPLACEMENTS, name, counting)
-    yield counts  # (conftest's plain_core fixture: nothing is registered when the test starts)
-
-
 def assert_replacement_agrees(name, fn, shapes, rng, dtype, device="cpu", domains=None, gradcheck_it=True):
     """fn(*inputs) with the plain core and with the fast layer on: same values, same input gradients."""
     domains = domains or [None] * len(shapes)
