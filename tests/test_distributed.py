@@ -339,3 +339,23 @@ def test_nccl_world_of_one_gpu_trains_as_no_world():
         finals.append(np.concatenate([backend.asnumpy(p.data).ravel() for p in model.parameters()]))
     np.testing.assert_allclose(finals[1], finals[0], rtol=0, atol=1e-14)
     assert world.stats["steps"] == 3
+
+
+def test_more_gpu_ranks_than_gpus_is_refused(monkeypatch):
+    """--device gpu gives each rank on a machine its own GPU: 2 ranks on a 1-GPU machine are refused."""
+    from minimosaic import backend
+
+    class FakeCupy:
+        class cuda:
+            class runtime:
+                @staticmethod
+                def getDeviceCount():
+                    return 1
+
+    class TwoRanksHere(distributed.MPIWorld):
+        def __init__(self):
+            self.rank, self.size, self.local_rank, self.local_size, self.device = 1, 2, 1, 2, "cpu"
+    monkeypatch.setattr(backend, "array_module", lambda device: FakeCupy)
+    monkeypatch.setattr(backend, "normalize_device", lambda device: device)
+    with pytest.raises(distributed.CollectiveError, match="2 ranks on this machine but 1 GPU"):
+        TwoRanksHere().use_device("gpu")
