@@ -10,13 +10,15 @@ use. Here the width is fixed and only the number of heads changes (more heads = 
     There are 3 moons: with 1 or 2 heads a head must follow several moons; from 4 heads on there are
     more heads than moons. Reported: the error of 25 generated steps after contexts shorter than the
     shortest period, between the longest single period (30 steps) and the joint period (60), and
-    past the joint period; the weight share of each head's strongest moon (purity, 1/3 = spread);
+    past the joint period, and the one-step error between 30 and 60 (teacher forcing: no compounding);
+    the weight share of each head's strongest moon (purity, 1/3 = spread);
   * in-context languages (in_context_languages.py's task: next-letter validity on held-out random
     automata), a 2-layer Memory Mosaic of width 64 (head size 64, 32, 16, 8, 4); parameters are the
     same for every head count but a few per-head scalars.
 
-Figures: moons_context_error.png (error vs context, mean over seeds), summary.png (purity, moon error
-and language accuracy against the number of heads, mean and min-max over seeds).
+Figures: moons_context_error.png (error vs context, mean over seeds), summary.png (purity, moon errors
+(25 generated steps, and one step) and language accuracy against the number of heads, mean and min-max
+over seeds).
 """
 import math
 
@@ -57,6 +59,8 @@ def moons_experiment(seeds, q):
                              error_before_periods=error_between(contexts, errors, 0, shortest),
                              error_longest_to_joint=error_between(contexts, errors, longest + 2, joint),
                              error_after_joint=error_between(contexts, errors, joint + 2, math.inf),
+                             one_step_longest_to_joint=error_between(range(1, len(one_step) + 1), one_step,
+                                                                     longest + 2, joint),
                              seconds=clock()))
             print(f"moons, {n_head} heads, seed {seed}: loss {loss:.4f}, purity {runs[-1]['mean_purity']:.2f}, "
                   f"error 30-60 {runs[-1]['error_longest_to_joint']:.3f} ({clock():.0f} s)", flush=True)
@@ -64,7 +68,7 @@ def moons_experiment(seeds, q):
                              errors_mean=np.mean([r["errors"] for r in runs], axis=0),
                              **{k: summarize([r[k] for r in runs]) for k in
                                 ("final_loss", "mean_purity", "error_before_periods", "error_longest_to_joint",
-                                 "error_after_joint")})
+                                 "error_after_joint", "one_step_longest_to_joint")})
     return dict(resolution=resolution, block=block, steps=steps, batch=batch, lr=lr, width=width, n_gen=n_gen,
                 contexts=contexts, single_periods=[shortest, resolution * 2, longest], joint_period=joint,
                 by_heads=found)
@@ -110,9 +114,11 @@ def main():
 
     print(f"\nthree moons, width {moons['width']} complex features, one context memory; held-out periods "
           f"{moons['single_periods']} steps, joint {moons['joint_period']:.0f}; mean ± std over seeds {seeds}")
-    print_table(["heads", "features/head", "train loss", "err ctx<10", "err 30<ctx<60", "err ctx>60", "purity"],
+    print_table(["heads", "features/head", "train loss", "err ctx<10", "err 30<ctx<60", "err ctx>60",
+                 "one-step err 30<ctx<60", "purity"],
                 [[h, r["head_features"], pm(r["final_loss"], 4), pm(r["error_before_periods"]),
-                  pm(r["error_longest_to_joint"]), pm(r["error_after_joint"]), pm(r["mean_purity"], 2)]
+                  pm(r["error_longest_to_joint"]), pm(r["error_after_joint"]), pm(r["one_step_longest_to_joint"]),
+                  pm(r["mean_purity"], 2)]
                  for h, r in moons["by_heads"].items()])
     print(f"\nin-context languages, 2-layer Memory Mosaic of width {languages['width']}, {languages['steps']} steps; "
           f"held-out valid next-letter accuracy; mean ± std over seeds {seeds}")
@@ -131,9 +137,10 @@ def main():
     finish_axes(ax, "context length (steps)", f"mean |generated - true| over {moons['n_gen']} steps")
     save_figure(fig, args.out / "moons_context_error.png")
 
-    fig, axes = figure(1, 3, size=(4.0, 3.4))
+    fig, axes = figure(1, 4, size=(3.6, 3.4))
     panels = ((moons, "mean_purity", "moons: weight share of strongest moon"),
-              (moons, "error_longest_to_joint", "moons: error, 30 < context < 60"),
+              (moons, "error_longest_to_joint", "moons: 25-step error, 30 < context < 60"),
+              (moons, "one_step_longest_to_joint", "moons: one-step error, 30 < context < 60"),
               (languages, "final_accuracy", "languages: held-out accuracy"))
     for ax, (experiment, key, title) in zip(axes[0], panels):
         mean = [r[key]["mean"] for r in experiment["by_heads"].values()]

@@ -25,7 +25,9 @@ of parameters to within 1% (counted and printed: the GPT's position table is pai
 Reported: the error at each position of the sequence (error against context length: a periodic
 channel becomes predictable once one period is in the context), per channel; and what each head is
 for: the increase of each channel's error when one head's output is removed (its rows of W_o set to
-zero) (heads.png).
+zero), for the first seed (heads.png; which head does what differs between seeds), and a number
+that does not depend on the heads' order: the share of a head's error increase that falls on its
+strongest channel (1 = one channel, 1/4 = all alike), averaged over the heads that matter.
 """
 import numpy as np
 
@@ -114,6 +116,15 @@ def head_ablation(model, x):
     return np.asarray(rows)
 
 
+def specialisation(increases, floor=0.05):
+    """Per head that matters (its largest increase >= floor): the share of its (positive) error
+    increases that falls on its strongest channel; 1 = one channel only, 1/4 = all alike. Returns
+    (mean share, number of heads that matter)."""
+    up = np.clip(np.asarray(increases), 0, None)
+    kept = up[up.max(axis=1) >= floor]
+    return (float((kept.max(axis=1) / kept.sum(axis=1)).mean()) if len(kept) else float("nan")), len(kept)
+
+
 def main():
     args = parse_args("time_series", __doc__.splitlines()[0], seeds_option)
     q = args.quick
@@ -147,6 +158,8 @@ def main():
                                     mse_late_by_channel=by_position[length // 2:].mean(axis=0),
                                     by_position=by_position, heads=head_ablation(model, held_out),
                                     train_seconds=clock()))
+            runs[label][-1]["specialisation"], runs[label][-1]["heads_that_matter"] = \
+                specialisation(runs[label][-1]["heads"])
             print(f"seed {seed} {label}: held-out MSE {errors.mean():.4f} ({clock():.0f} s)", flush=True)
 
     late = slice(length // 2, None)
@@ -157,11 +170,16 @@ def main():
         results[label] = dict(
             config=configs[label].to_dict(), n_params=per_seed[0]["n_params"], runs=per_seed,
             by_position_mean=np.mean([r["by_position"] for r in per_seed], axis=0),
-            heads_mean=np.mean([r["heads"] for r in per_seed], axis=0),
-            **{k: summarize([r[k] for r in per_seed]) for k in ("final_loss", "mse", "mse_first_8", "mse_late")},
+            **{k: summarize([r[k] for r in per_seed]) for k in ("final_loss", "mse", "mse_first_8", "mse_late",
+                                                                 "specialisation", "heads_that_matter")},
             **{f"mse_late_{name}": summarize([r["mse_late_by_channel"][c] for r in per_seed])
                for c, name in enumerate(CHANNELS)})
 
+    print("\nwhat the heads are for (one head's output removed; heads whose removal raises some channel's "
+          "error by >= 5%): share of the increase on the head's strongest channel")
+    print_table(["model", "heads that matter (of 8)", "specialisation"],
+                [[label, pm(results[label]["heads_that_matter"], 1), pm(results[label]["specialisation"], 2)]
+                 for label in configs])
     print(f"\nheld-out MSE of the next step (noise floor {NOISE ** 2:.4f}), {steps} steps of {batch} x {length}; "
           f"mean ± std over seeds {seeds}")
     print_table(["model", "parameters", "all positions", "positions < 8", f"positions >= {length // 2}",
@@ -191,14 +209,15 @@ def main():
     save_figure(fig, args.out / "context_error.png")
 
     fig, axes = figure(1, 2, size=(4.2, 4.0))
-    for ax, label in zip(axes[0], configs):
-        m = results[label]["heads_mean"]
+    for ax, label in zip(axes[0], configs):  # one seed: which head does what differs from seed to seed
+        m = results[label]["runs"][0]["heads"]
         image = ax.imshow(m, cmap="magma", vmin=0, aspect="auto")
         fig.colorbar(image, ax=ax, shrink=0.8, label="relative MSE increase")
         ax.set_xticks(range(len(CHANNELS)), CHANNELS, fontsize=7, rotation=20)
         ax.set_yticks(range(len(m)), [f"layer {i // n_head} head {i % n_head}" for i in range(len(m))], fontsize=7)
         ax.set_title(f"{label}: one head removed\n({'context memory' if 'Mosaic' in label else 'attention'}; "
-                     f"mean over {len(seeds)} seed(s))", fontsize=8)
+                     f"seed {seeds[0]}; specialisation {results[label]['runs'][0]['specialisation']:.2f})",
+                     fontsize=8)
     save_figure(fig, args.out / "heads.png")
     save_json(args.out / "results.json", dict(quick=q, seeds=seeds, length=length, steps=steps, batch=batch, lr=lr,
                                               channels=CHANNELS, noise=NOISE, models=results))
