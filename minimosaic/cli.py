@@ -351,6 +351,9 @@ def evaluate(
     for note in corpus.notes:
         typer.echo(f"note: {note}", err=True)
     block = context or model.config.block_size
+    if context is not None and len(corpus.val_ids) < context + 1:
+        raise MinimosaicError(f"--context {context}: the validation split has only {len(corpus.val_ids):,} tokens; "
+                              f"use --context {len(corpus.val_ids) - 1} or less")
     loss, by_position = trainer.loss_by_position(model, corpus.val_ids, block,
                                                  batch_size or config.batch_size,
                                                  backend.normalize_device(device), max_batches)

@@ -145,6 +145,8 @@ def test_eval_context_reads_past_the_training_block_where_the_model_allows_it(tr
     assert "windows of 32 tokens (trained on 16)" in out and "perplexity" in out
     rows = (trained / "per_position.csv").read_text().splitlines()
     assert len(rows) == 1 + 32 and all(float(r.split(",")[1]) > 0 for r in rows[1:])
+    assert_user_error(invoke(capsys, "eval", trained, "--context", "10000000"), "--context 10000000",
+                      "the validation split has only")
 
 
 def test_eval_context_past_a_gpts_learned_positions_is_one_line(text_file, tmp_path, data_dir, capsys):
