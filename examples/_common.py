@@ -44,11 +44,50 @@ def parse_args(name, description, extra=None):
     return args
 
 
+def seeds_option(parser, full=3):
+    """--seeds N: run seeds --seed, --seed + 1, ... (default `full`, quick 1); see seed_list."""
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"how many seeds, from --seed on (default {full}; quick 1)")
+    parser.set_defaults(full_seeds=full)
+
+
+def seed_list(args):
+    """The seeds to run: --seed, --seed + 1, ..., --seeds of them (quick: 1, else the full default)."""
+    n = args.seeds or (1 if args.quick else args.full_seeds)
+    return [args.seed + i for i in range(n)]
+
+
+def summarize(values):
+    """Per-seed numbers -> dict(mean, std (ddof 1; 0 for one seed), min, max, values); NaNs are kept out."""
+    v = np.asarray([x for x in values if x is not None and not np.isnan(x)], dtype=np.float64)
+    if not len(v):
+        return dict(mean=float("nan"), std=float("nan"), min=float("nan"), max=float("nan"), values=[])
+    return dict(mean=float(v.mean()), std=float(v.std(ddof=1)) if len(v) > 1 else 0.0, min=float(v.min()),
+                max=float(v.max()), values=v.tolist())
+
+
+def pm(summary, digits=3):
+    """'mean ± std' of a summarize() dict, for tables ('-' when there is nothing)."""
+    if not summary["values"]:
+        return "-"
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+
+
 def figure(nrows=1, ncols=1, size=(5.0, 3.8)):
     """A matplotlib Figure (object API, Agg: no display needed) and its axes as a 2-D array."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
     return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def finish_axes(ax, xlabel, ylabel, ylim=None, legend_size=8):
+    """Axis labels, optional y limits, the legend and a light grid: how every example ends a plot."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
 
 
 def save_figure(fig, path):

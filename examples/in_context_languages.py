@@ -109,6 +109,21 @@ def accuracy(predictions, batches):
     return hits / counts, by_pos / np.maximum(n_pos, 1)
 
 
+def train_language_model(config, seed, train_tables, held_out, steps, batch, lr, eval_every, log_every, label):
+    """Train a model of `config` on batches of sequences of `train_tables` (windows of block_size),
+    scoring it on `held_out` every eval_every steps: (model, [(step, accuracy)], training losses)."""
+    data_rng = seed_all(seed)
+    model = build_model(config)
+    xs = [x for x, _, _ in held_out]
+
+    def evaluate(step):
+        return float(accuracy([model_predictions(model, x) for x in xs], held_out)[0])
+
+    history, losses = fit(model, lambda step: dfa_batch(data_rng, train_tables, batch, config.block_size)[:2],
+                          steps, lr, evaluate=evaluate, eval_every=eval_every, log_every=log_every, label=label)
+    return model, history, losses
+
+
 def main():
     args = parse_args("in_context_languages", __doc__.splitlines()[0])
     q = args.quick
@@ -131,18 +146,11 @@ def main():
         results[name] = dict(final_accuracy=float(acc), by_position=by_pos)
 
     for kind, label in (("mosaic", "Memory Mosaic"), ("gpt", "GPT")):
-        data_rng = seed_all(args.seed)
         config = ModelConfig(model=kind, vocab_size=VOCAB, n_layer=layers, n_head=heads, n_embd=width,
                              block_size=length)
-        model = build_model(config)
-
-        def evaluate(step, model=model):
-            return float(accuracy([model_predictions(model, x) for x in xs], held_out)[0])
-
         clock = Stopwatch()
-        history, losses = fit(model, lambda step, r=data_rng: dfa_batch(r, train_tables, batch, length)[:2],
-                              steps, lr, evaluate=evaluate, eval_every=eval_every,
-                              log_every=None if q else 250, label=label)
+        model, history, losses = train_language_model(config, args.seed, train_tables, held_out, steps, batch, lr,
+                                                      eval_every, None if q else 250, label)
         model.eval()
         acc, by_pos = accuracy([model_predictions(model, x) for x in xs], held_out)
         results[label] = dict(config=config.to_dict(), n_params=int(model.num_parameters()),

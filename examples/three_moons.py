@@ -114,11 +114,12 @@ class ComplexLinear(nn.Module):
 class MoonMemory(nn.Module):
     """One context memory: xhat_{t+1} = W_o [sum_{s<t} softmax_s(2 beta k_t . k_s) v_s]_heads."""
 
-    def __init__(self, n_head, beta):
+    def __init__(self, n_head, beta, width=N_MOONS):
+        """width: complex features of keys and values (2 width real ones), split among n_head heads."""
         self.n_head, self.beta = n_head, beta
-        self.W_k = ComplexLinear(N_MOONS, N_MOONS)
-        self.W_v = ComplexLinear(N_MOONS, N_MOONS)
-        self.W_o = ComplexLinear(N_MOONS, N_MOONS)
+        self.W_k = ComplexLinear(N_MOONS, width)
+        self.W_v = ComplexLinear(N_MOONS, width)
+        self.W_o = ComplexLinear(width, N_MOONS)
 
     def keys(self, x):
         return split_heads(self.W_k(x), self.n_head)                            # (B, H, T, hs)
@@ -198,9 +199,9 @@ def error_between(contexts, errors, low, high):
     return float(np.mean(inside)) if inside else float("nan")
 
 
-def train_moons(n_head, seed, triples, steps, batch, block, resolution, lr, beta, log_every, label):
+def train_moons(n_head, seed, triples, steps, batch, block, resolution, lr, beta, log_every, label, width=N_MOONS):
     rng = seed_all(seed)
-    model = MoonMemory(n_head, beta)
+    model = MoonMemory(n_head, beta, width)
     track = []
     _, losses = fit(model, lambda step: (sample(rng, triples, batch, block + 1, resolution),), steps, lr,
                     evaluate=lambda step: track.append((step, purity(model))), eval_every=max(1, steps // 20),

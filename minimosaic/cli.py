@@ -115,7 +115,9 @@ class ConsoleLogger(trainer.TrainLogger):
         pmem = f" pmem_size {trainer.ModelConfig(**m).pmem_size}" if m["model"] == "mosaic" else ""
         lines = [
             f"model    {m['model']}: n_layer {m['n_layer']} n_head {m['n_head']} n_embd {m['n_embd']} "
-            f"block_size {m['block_size']}{pmem} dropout {m['dropout']} vocab {m['vocab_size']}"
+            f"block_size {m['block_size']}{pmem}"
+            f"{' no position embedding' if m['model'] == 'gpt' and not m.get('position_embedding', True) else ''}"
+            f" dropout {m['dropout']} vocab {m['vocab_size']}"
             f"{_v2_summary(m)} | {info['n_params']:,} parameters",
             f"data     {info['dataset']} ({t['level']} level) | train {info['train_tokens']:,} tokens, "
             f"validation {info['val_tokens']:,}",
@@ -195,6 +197,9 @@ def train(
     block_size: int = _opt("context length in tokens", key="block_size"),
     batch_size: int = _opt("sequences per micro-batch", key="batch_size"),
     pmem_size: int = _opt("persistent memory slots (mosaic)", key="pmem_size"),
+    no_position_embedding: bool = typer.Option(False, "--no-position-embedding",
+                                               help="GPT: no position embedding (NoPE; order from the causal "
+                                                    "mask alone), so it can read contexts past --block-size"),
     dropout: float = _opt("dropout probability", key="dropout"),
     lr: float = _opt("peak learning rate", key="lr"),
     min_lr: float = _opt("learning rate at the end of the cosine decay", key="min_lr"),
@@ -258,7 +263,7 @@ def train(
                      tf32=tf32 or None, cuda_graph=False if no_cuda_graph else None, precision=precision,
                      time_limit=time_limit, adaptive_bandwidth=adaptive_bandwidth or None,
                      gated_keys=gated_keys or None, memory_levels=memory_levels, short_window=short_window,
-                     long_skip=long_skip)
+                     long_skip=long_skip, position_embedding=False if no_position_embedding else None)
     overrides.update(out=out and str(out), plain=plain or None)
     from .fast import distributed
     world = distributed.world_from_environment()  # one process, or a rank of `mpiexec -n N`
@@ -391,6 +396,9 @@ def evaluate(
                                     show_default="the whole split"),
     per_position: bool = typer.Option(False, "--per-position", help="write the loss at each position of the "
                                       "context window to per_position.png and .csv in the run folder"),
+    context: int = typer.Option(None, "--context", min=1, help="window length in tokens, also longer than the "
+                                "run was trained on where the model allows it (mosaic, GPT without position "
+                                "embeddings)", show_default="the run's block size"),
     device: str = _DEVICE,
     plain: bool = typer.Option(False, "--plain", help=_PLAIN_HELP),
     checkpoint: str = _CHECKPOINT,
@@ -398,18 +406,24 @@ def evaluate(
     """Validation loss and perplexity over the whole validation split (bits per character at char level)."""
     _use_fast_layer(plain)
     model, tokenizer, meta = trainer.load_run(directory, checkpoint, backend.normalize_device(device))
+    if context is not None and model.max_context is not None and context > model.max_context:
+        raise MinimosaicError(f"--context {context}: this GPT reads at most {model.max_context} tokens (it learned "
+                              f"position embeddings for positions 0-{model.max_context - 1} only); use "
+                              f"--context {model.max_context} or less, or a model without positions (mosaic, "
+                              f"or GPT trained with --no-position-embedding)")
     config = trainer.TrainConfig(**meta["train_config"])
     if data is not None:
         config.data = data
     corpus = trainer.prepare_data(config, data_dir, tokenizer=tokenizer)
     for note in corpus.notes:
         typer.echo(f"note: {note}", err=True)
-    block = model.config.block_size
+    block = context or model.config.block_size
     loss, by_position = trainer.loss_by_position(model, corpus.val_ids, block,
                                                  batch_size or config.batch_size,
                                                  backend.normalize_device(device), max_batches)
     unit = "bits per character" if config.level == "char" else "bits per token"
-    typer.echo(f"{corpus.name} validation ({len(corpus.val_ids):,} tokens, step {meta['step']}): "
+    window = "" if context is None else f", windows of {block} tokens (trained on {model.config.block_size})"
+    typer.echo(f"{corpus.name} validation ({len(corpus.val_ids):,} tokens, step {meta['step']}{window}): "
                f"loss {loss:.4f} nats | perplexity {math.exp(loss):.3f} | {loss / math.log(2):.4f} {unit}")
     if per_position:
         n = max(1, block // 8)

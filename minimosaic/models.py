@@ -14,6 +14,8 @@ GPT (nanoGPT-style pre-LN transformer, as the paper's baseline)
     x = x + W_o attention(LN(x));  x = x + W_out gelu(LN(x) W_in)          causal, 1/sqrt(hs), MLP 4d,
                                                         exact (erf) GELU as torch.nn.GELU
     logits = LN_f(x) @ E^T                              tied head, standard (unscaled) logits
+    position_embedding=False (NoPE): x = E[ids], no P; order comes only from the causal mask, so like
+    the mosaic it reads (and generates past) any length, also beyond block_size.
     init: N(0, 0.02^2) everywhere, N(0, (0.02 / sqrt(2 n_layer))^2) for W_o and W_out (GPT-2).
 
 Parameter budget: a GPT block holds 12 d^2 weights (attention 4 d^2, MLP 8 d^2). A mosaic block holds
@@ -52,7 +54,7 @@ Generation (`generate`) keeps a cache per block (`cache["blocks"][i]`, which the
 stored keys, the completed values (v_{t-1} is finished when x_t arrives) and the last W_v x; each new
 token then costs O(t d) instead of a full pass over the sequence. The mosaic has no positions, so it
 never crops: the context memory keeps the whole text, also past block_size (beyond the lengths it was
-trained on). The GPT crops to the last block_size tokens; once the text is longer, the cached positions
+trained on), and neither does the GPT without position embeddings. The GPT crops to the last block_size tokens; once the text is longer, the cached positions
 shift every token, so it recomputes the cropped window each step (as without the cache).
 """
 import math
@@ -94,6 +96,7 @@ class ModelConfig:
     memory_levels: int | None = None   # 3 (section 3.3): short-term + long-term + persistent memory
     short_window: int = 64             # with 3 levels: the short-term memory holds the last 64 pairs
     long_skip: int = 64                # with 3 levels: the long-term memory skips the last 64 pairs
+    position_embedding: bool = True   # GPT only: False = no position embedding (NoPE); the mosaic has none
 
     def __post_init__(self):
         if self.pmem_size is None and isinstance(self.n_embd, int):
@@ -126,7 +129,7 @@ class ModelConfig:
                                   f"pick n_head that divides n_embd")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise MinimosaicError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        for name in ("bias", "adaptive_bandwidth", "gated_keys"):
+        for name in ("bias", "position_embedding", "adaptive_bandwidth", "gated_keys"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise MinimosaicError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._validate_v2()
@@ -407,9 +410,10 @@ class GPT(LanguageModel):
 
     def __init__(self, config):
         self.config = config
-        self.max_context = config.block_size
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd, std=0.02)
-        self.position_embedding = nn.Embedding(config.block_size, config.n_embd, std=0.02)
+        if config.position_embedding:  # learned positions 0..block_size-1: no longer input can be read
+            self.max_context = config.block_size
+            self.position_embedding = nn.Embedding(config.block_size, config.n_embd, std=0.02)
         self.blocks = [GPTBlock(config) for _ in range(config.n_layer)]
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -423,6 +427,8 @@ class GPT(LanguageModel):
         return self._logits(x)
 
     def _embed(self, ids, past):
+        if not self.config.position_embedding:  # NoPE: order only through the causal mask
+            return self.token_embedding(ids)                                     # (B, T, C)
         positions = self.token_embedding.weight.xp.arange(past, past + ids.shape[1])
         return self.token_embedding(ids) + self.position_embedding(positions)    # (B, T, C)
 

@@ -121,6 +121,32 @@ def test_eval_reports_loss_and_writes_per_position(trained, capsys):
     assert (trained / "per_position.png").stat().st_size > 1000
 
 
+def test_eval_context_reads_past_the_training_block_where_the_model_allows_it(trained, capsys):
+    """The mosaic (no positions) evaluates windows 2x its block size, loss at every position."""
+    code, out, err = invoke(capsys, "eval", trained, "--context", "32", "--per-position", "--max-batches", "2")
+    assert code == 0, err
+    assert "windows of 32 tokens (trained on 16)" in out and "perplexity" in out
+    rows = (trained / "per_position.csv").read_text().splitlines()
+    assert len(rows) == 1 + 32 and all(float(r.split(",")[1]) > 0 for r in rows[1:])
+
+
+def test_eval_context_past_a_gpts_learned_positions_is_one_line(text_file, tmp_path, data_dir, capsys):
+    """A GPT with learned positions stops at block_size: one line naming the maximum and why, exit 2;
+    the same GPT trained with --no-position-embedding (NoPE) reads the longer windows."""
+    for extra, name in (([], "gpt"), (["--no-position-embedding"], "nope")):
+        code, out, err = invoke(capsys, "train", "--data", text_file, *TINY, "--steps", "2", "--eval-interval",
+                                "2", "--model", "gpt", *extra, "--out", tmp_path / name)
+        assert code == 0, err
+    assert "no position embedding" in out
+    assert_user_error(invoke(capsys, "eval", tmp_path / "gpt", "--context", "17"),
+                      "--context 17", "at most 16 tokens", "position embeddings for positions 0-15",
+                      "--no-position-embedding")
+    code, out, err = invoke(capsys, "eval", tmp_path / "gpt", "--context", "16", "--max-batches", "1")
+    assert code == 0, err
+    code, out, err = invoke(capsys, "eval", tmp_path / "nope", "--context", "64", "--max-batches", "1")
+    assert code == 0 and "windows of 64 tokens (trained on 16)" in out, err
+
+
 def test_explain_shows_retrievals_and_writes_a_heatmap(trained, capsys):
     code, out, err = invoke(capsys, "explain", trained, "--prompt", "Mira and Tom", "--top", "2",
                             "--heatmap", trained / "heat.png")
@@ -324,7 +350,7 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_do(capsys, text_file, 
 
 
 NUMERIC_MISTAKES = [  # (command, its arguments before the option, option, a value it must refuse)
-    ("eval", "RUN", "--max-batches", "0"), ("eval", "RUN", "--max-batches", "-1"), ("eval", "RUN", "--batch-size", "0"),
+    ("eval", "RUN", "--max-batches", "0"), ("eval", "RUN", "--context", "0"), ("eval", "RUN", "--max-batches", "-1"), ("eval", "RUN", "--batch-size", "0"),
     ("explain", "RUN -p hi", "--top", "-2"), ("explain", "RUN -p hi", "--top", "0"),
     ("sample", "RUN", "--max-new-tokens", "-1"), ("sample", "RUN", "--num-samples", "0"),
     ("sample", "RUN", "--top-k", "0"), ("sample", "RUN", "--temperature", "-0.5"),

@@ -6,11 +6,13 @@ to the shared data folder), else the shared data folder next to the checkout. BL
 that spin for a busy core only slow a shared machine down.
 """
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,63 @@ EXAMPLES = {  # name: the figures it must write
     "in_context_languages": ["accuracy.png", "by_position.png"],
     "shakespeare_char": ["curves.png", "per_position.png"],
     "tokens": ["curves.png", "per_position.png"],
+    "length_extrapolation": ["by_position.png"],
+    "peek_ahead_ablation": ["accuracy.png", "by_offset.png"],
+    "memory_units": ["moons_context_error.png", "summary.png"],
+    "time_series": ["context_error.png", "heads.png"],
 }
+NEEDS_DATA = {"shakespeare_char", "length_extrapolation"}
+
+
+def check_length_extrapolation(r):
+    """The mosaic and the NoPE GPT read 4T, the GPT with learned positions stops at T; past T the
+    mosaic's loss stays below chance (ln vocab) after its 20 steps."""
+    T, models = r["block_size"], r["models"]
+    assert models["GPT (learned positions)"]["window"] == T
+    assert models["GPT (learned positions)"]["first_extra"]["values"] == []
+    for label in ("Memory Mosaic", "GPT (NoPE)"):
+        curve = np.asarray(models[label]["per_position_mean"])
+        assert models[label]["window"] == 4 * T and curve.shape == (4 * T,) and np.isfinite(curve).all()
+    assert np.mean(models["Memory Mosaic"]["per_position_mean"][T:]) < math.log(r["vocab_size"])
+    d = r["shape"]["n_embd"]
+    assert models["GPT (learned positions)"]["n_params"] - models["GPT (NoPE)"]["n_params"] == T * d
+
+
+def check_peek_ahead_ablation(r):
+    """Fixed scalars stay fixed; without peek-ahead one layer is far behind the paper's layer."""
+    v = r["variants"]
+    paper, no_peek = v["as in the paper (learned c, lambda)"], v["no peek-ahead (c = 1)"]
+    assert paper["final_accuracy"]["mean"] > no_peek["final_accuracy"]["mean"] + 0.3
+    assert np.all(np.asarray(no_peek["runs"][0]["peek"]) == 1.0)
+    assert np.allclose(v["long leaky average (lambda = 0.9)"]["runs"][0]["decay"], 0.9, atol=1e-5)
+    assert np.allclose(v["no leaky average (lambda = 0)"]["runs"][0]["decay"], 0.0, atol=1e-12)
+    assert not np.allclose(paper["runs"][0]["peek"], 1.0)
+
+
+def check_memory_units(r):
+    """Every head count ran on both tasks; one head is less pure and worse between the longest single
+    period and the joint period than four heads; the parameter count hardly depends on the heads."""
+    moons, languages = r["moons"]["by_heads"], r["languages"]["by_heads"]
+    assert sorted(map(int, moons)) == sorted(map(int, languages)) == [1, 2, 4, 8, 16]
+    assert moons["16"]["mean_purity"]["mean"] > moons["1"]["mean_purity"]["mean"] + 0.1
+    assert moons["4"]["error_longest_to_joint"]["mean"] < moons["1"]["error_longest_to_joint"]["mean"]
+    assert all(0 <= x["final_accuracy"]["mean"] <= 1 for x in languages.values())
+    counts = [x["n_params"] for x in languages.values()]
+    assert max(counts) / min(counts) < 1.01
+
+
+def check_time_series(r):
+    """Equal parameters to 1%; both models beat predicting 0; one ablation row per head and layer."""
+    models = r["models"]
+    mosaic, gpt = models["Memory Mosaic"], models["GPT"]
+    assert abs(mosaic["n_params"] / gpt["n_params"] - 1) < 0.01
+    for m in (mosaic, gpt):
+        assert m["mse"]["mean"] < models["predict 0"]["mse"]
+        assert np.asarray(m["heads_mean"]).shape == (2 * 4, len(r["channels"]))
+
+
+CHECKS = {"length_extrapolation": check_length_extrapolation, "peek_ahead_ablation": check_peek_ahead_ablation,
+          "memory_units": check_memory_units, "time_series": check_time_series}
 NEEDS_SHAKESPEARE = pytest.mark.skipif(not HAVE_SHAKESPEARE,
                                        reason=f"tinyshakespeare.txt not found in {DATA_DIR}")
 
@@ -33,7 +91,7 @@ def test_every_example_is_tested():
     assert scripts == set(EXAMPLES)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS_SHAKESPEARE) if n == "shakespeare_char" else n
+@pytest.mark.parametrize("name", [pytest.param(n, marks=NEEDS_SHAKESPEARE) if n in NEEDS_DATA else n
                                   for n in EXAMPLES])
 def test_example_runs_quick(name, tmp_path):
     out = tmp_path / name
@@ -49,6 +107,8 @@ def test_example_runs_quick(name, tmp_path):
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{name} did not write {figure}"
     numbers = json.loads((out / "results.json").read_text())
     assert numbers["quick"] is True
+    if name in CHECKS:  # the numbers behind the figures
+        CHECKS[name](numbers)
 
 
 def test_an_example_without_its_data_says_so_in_one_line(tmp_path):

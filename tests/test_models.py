@@ -34,6 +34,7 @@ def random_ids(rng, shape, vocab=TINY["vocab_size"]):
     (dict(pmem_count=True), "pmem_count must be a positive integer"),
     (dict(dropout=1.0), "dropout must be a number in [0, 1)"),
     (dict(bias="yes"), "bias must be true or false"),
+    (dict(position_embedding=0), "position_embedding must be true or false"),
 ])
 def test_config_validate_says_what_is_wrong(changes, words):
     with pytest.raises(MinimosaicError, match=None) as info:
@@ -137,11 +138,13 @@ def test_model_loss_gradcheck_every_parameter(rng, kind):
 
 
 # ---------------------------------------------------------------- causality
-@pytest.mark.parametrize("kind", ["mosaic", "gpt"])
-def test_changing_a_token_changes_no_earlier_logits(rng, kind):
-    model = tiny(kind)
-    ids = random_ids(rng, (2, 10))
-    for t in (0, 4, 8):
+@pytest.mark.parametrize("kind, changes, length", [("mosaic", {}, 10), ("gpt", {}, 10),
+                                                   ("gpt", dict(position_embedding=False), 16)],
+                         ids=["mosaic", "gpt", "gpt-nope"])
+def test_changing_a_token_changes_no_earlier_logits(rng, kind, changes, length):
+    model = tiny(kind, **changes)
+    ids = random_ids(rng, (2, length))  # the GPT without positions also past block_size (12)
+    for t in (0, 4, length - 2):
         changed = ids.copy()
         changed[:, t + 1] = (changed[:, t + 1] + 1 + rng.integers(0, 9, 2)) % 11
         a, b = model(ids).data, model(changed).data
@@ -215,6 +218,41 @@ def test_gpt_refuses_more_than_block_size_tokens(rng):
     with pytest.raises(MinimosaicError, match="block_size"):
         tiny("gpt")(random_ids(rng, (1, 13)))
     assert tiny()(random_ids(rng, (1, 13))).shape == (1, 13, 11)  # the mosaic has no such limit
+
+
+# ---------------------------------------------------------------- GPT without position embeddings (NoPE)
+def test_nope_gpt_has_no_position_parameters_and_reads_past_block_size(rng):
+    model = tiny("gpt", position_embedding=False)
+    names = [name for name, _ in model.named_parameters()]
+    assert not any("position" in name for name in names) and "token_embedding.weight" in names
+    with_positions = tiny("gpt")
+    assert with_positions.num_parameters() - model.num_parameters() == TINY["block_size"] * TINY["n_embd"]
+    assert model.max_context is None
+    assert model(random_ids(rng, (1, 30))).shape == (1, 30, 11)  # block_size is 12
+    assert ModelConfig.from_dict({**TINY, "model": "gpt"}).position_embedding  # old configs: positions
+
+
+def test_nope_gpt_gradcheck_every_parameter(rng):
+    model = tiny("gpt", position_embedding=False)
+    ids, targets = random_ids(rng, (2, 7)), random_ids(rng, (2, 7))
+    loss = lambda *ps: model.loss(ids, targets)
+    names = [name for name, _ in model.named_parameters()]
+    gradcheck(loss, model.parameters(), mode="random", directions=8, names=names)
+    embedding = model.token_embedding.weight
+    gradcheck(loss, [embedding], mode="random", directions=4, names=["token_embedding.weight"])
+
+
+def test_nope_gpt_cached_generation_equals_the_full_pass_past_block_size(rng):
+    model = tiny("gpt", position_embedding=False)
+    ids = random_ids(rng, 20)  # longer than block_size (12): nothing is cropped
+    full = model(ids[None]).data[0]
+    for split in (1, 5):
+        np.testing.assert_allclose(stepwise_logits(model, ids, split), full, rtol=1e-10, atol=1e-12)
+    prompt = random_ids(rng, 4)
+    cached = model.generate(prompt, 14, temperature=1.0, seed=3)
+    np.testing.assert_array_equal(cached, model.generate(prompt, 14, temperature=1.0, seed=3, use_cache=False))
+    text = cached[:-1]  # the last token sees the whole text, not a 12-token window
+    assert model.generate(text, 1, temperature=0)[-1] == model(text[None]).data[0, -1].argmax()
 
 
 # ---------------------------------------------------------------- inspection
