@@ -29,8 +29,8 @@ window in which it reads something (it is empty for the first 33).
 
 Figures: shakespeare_by_position.png (validation loss vs position, one curve per model, mean over
 seeds), languages.png (held-out accuracy vs step, and by position in the sequence, with the rules).
-`--bigger LABEL ...` runs the models named on the languages task only, with a bigger budget (4x the steps and a
-pool of 20,000 training automata: nearly a new one for every sequence), reported separately.
+`--bigger LABEL ...` runs the models named on the languages task only, with a bigger budget (4x the
+steps and a pool of 20,000 training automata, each seen about twice), reported separately.
 """
 import shutil
 import time
