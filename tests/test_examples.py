@@ -29,8 +29,9 @@ EXAMPLES = {  # name: the figures it must write
     "peek_ahead_ablation": ["accuracy.png", "by_offset.png"],
     "memory_units": ["moons_context_error.png", "summary.png"],
     "time_series": ["context_error.png", "heads.png"],
+    "memory_hierarchy": ["shakespeare_by_position.png", "languages.png"],
 }
-NEEDS_DATA = {"shakespeare_char", "length_extrapolation"}
+NEEDS_DATA = {"shakespeare_char", "length_extrapolation", "memory_hierarchy"}
 
 
 def check_length_extrapolation(r):
@@ -84,8 +85,36 @@ def check_time_series(r):
             assert 1 / len(r["channels"]) <= m["specialisation"]["mean"] <= 1
 
 
+def check_memory_hierarchy(r):
+    """Every configuration ran every seed on both tasks, with counts within 1% of v1's (persistent slots
+    trade for the options' weights) and the v2 options really on; every Shakespeare loss is finite and
+    below chance (ln vocab) after its 15 steps, every loss curve covers the window, accuracies are
+    shares, and the bigram rule is ahead of the unigram rule."""
+    labels = ["v1 (2024)", "adaptive bandwidth", "gated keys", "3 levels", "v2 (all three)"]
+    text, languages = r["shakespeare"]["models"], r["languages"]["models"]
+    assert list(text) == list(languages) == labels
+    T = r["settings"]["shape"]["block_size"]
+    for task in (text, languages):
+        v1 = task["v1 (2024)"]["n_params"]
+        for m in task.values():
+            assert [run["seed"] for run in m["runs"]] == r["seeds"]
+            assert abs(m["n_params"] / v1 - 1) < 0.01
+        assert task["v2 (all three)"]["config"]["memory_levels"] == 3
+        assert task["v2 (all three)"]["config"]["pmem_size"] < task["v1 (2024)"]["config"]["pmem_size"]
+        assert task["gated keys"]["config"]["gated_keys"] and task["adaptive bandwidth"]["config"]["adaptive_bandwidth"]
+    for m in text.values():
+        losses = [run["val_loss"] for run in m["runs"]]
+        assert np.isfinite(losses).all() and max(losses) < math.log(r["shakespeare"]["vocab_size"])
+        assert np.asarray(m["per_position_mean"]).shape == (T,) and np.isfinite(m["per_position_mean"]).all()
+    for m in languages.values():
+        assert all(0 <= run["final_accuracy"] <= 1 and np.isfinite(run["final_loss"]) for run in m["runs"])
+    rules = r["languages"]["rules"]
+    assert rules["in-context bigram rule"]["accuracy"] > rules["in-context unigram rule"]["accuracy"]
+
+
 CHECKS = {"length_extrapolation": check_length_extrapolation, "peek_ahead_ablation": check_peek_ahead_ablation,
-          "memory_units": check_memory_units, "time_series": check_time_series}
+          "memory_units": check_memory_units, "time_series": check_time_series,
+          "memory_hierarchy": check_memory_hierarchy}
 NEEDS_SHAKESPEARE = pytest.mark.skipif(not HAVE_SHAKESPEARE,
                                        reason=f"tinyshakespeare.txt not found in {DATA_DIR}")
 
