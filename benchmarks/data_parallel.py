@@ -111,8 +111,8 @@ def run(side, preset, model, ranks, threads, steps, warmup, reference=None):
         command += ["--reference", str(reference)]
     if ranks > 1:
         command = [distributed.find_mpiexec(), "-n", str(ranks), *command]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = distributed.launcher_environment(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                                           MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

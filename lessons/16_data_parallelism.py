@@ -23,7 +23,6 @@
 # `Allreduce`, and `minimosaic train` on 2 ranks against 1 process.
 
 # %%
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from minimosaic import nn
-from minimosaic.fast.distributed import find_mpiexec, mpi_missing
+from minimosaic.fast.distributed import find_mpiexec, launcher_environment, mpi_missing
 from minimosaic.models import ModelConfig, build_model
 from _check import QUICK, check, expect, figure, promise_figures, show
 
@@ -199,7 +198,7 @@ reason = mpi_missing()
 if reason:
     print(f"skipped: {reason}")
 else:
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env = launcher_environment()  # os.environ, and as root Open MPI's permission to run
     with tempfile.TemporaryDirectory() as folder:
         script = Path(folder) / "allreduce.py"
         script.write_text(SCRIPT)
@@ -226,7 +225,7 @@ else:
         args = ["train", "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
                 "--pmem-size", "16", "--batch-size", "8", "--steps", "3", "--eval-interval", "3",
                 "--eval-batches", "2", "--precision", "fp64"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        env = launcher_environment(OMP_NUM_THREADS="1")
         one = subprocess.run([sys.executable, "-m", "minimosaic", *args, "--out", f"{folder}/one"], env=env,
                              capture_output=True, text=True, timeout=300)
         two = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, "-m", "minimosaic", *args, "--out",

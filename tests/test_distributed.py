@@ -152,10 +152,8 @@ needs_mpi = pytest.mark.skipif(distributed.mpi_missing() is not None, reason=str
 
 
 def job_env(tmp_path):
-    env = dict(os.environ, MINIMOSAIC_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1")
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")  # Open MPI as root (CI)
-    return env
+    return distributed.launcher_environment(MINIMOSAIC_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1",
+                                            OPENBLAS_NUM_THREADS="1")  # (as root, Open MPI's permission too)
 
 
 def minimosaic(tmp_path, *args, nproc=None, timeout=120):

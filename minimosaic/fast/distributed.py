@@ -363,6 +363,15 @@ def mpi_missing():
     return None
 
 
+def launcher_environment(**extra):
+    """os.environ plus `extra`, for a process that runs mpiexec: as root, Open MPI refuses to start unless
+    told it may (MPICH does not ask)."""
+    env = dict(os.environ, **extra)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
 def mpiexec_command(nproc, args):
     """The command that runs `minimosaic <args>` on nproc ranks, and the environment it needs."""
     if launcher_rank_size()[1] > 1:
@@ -371,10 +380,7 @@ def mpiexec_command(nproc, args):
     if missing:
         raise MinimosaicError(f"--nproc {nproc} needs MPI, and {missing}")
     mpiexec = find_mpiexec()
-    env = dict(os.environ)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root unless told (MPICH does not ask)
-        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return [mpiexec, "-n", str(nproc), sys.executable, "-m", "minimosaic", *args], env
+    return [mpiexec, "-n", str(nproc), sys.executable, "-m", "minimosaic", *args], launcher_environment()
 
 
 def abort_on_error(world, message):
