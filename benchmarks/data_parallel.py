@@ -43,7 +43,7 @@ def worker_ours(preset, model_name, steps, warmup):
     fast.enable()
     world = distributed.world_from_environment()
     s = bench.resolve_settings(preset)
-    config = models.ModelConfig(model=model_name, **{k: s[k] for k in bench.SETTINGS if k != "batch_size"})
+    config = bench.model_config(model_name, s)
     nn.manual_seed(0)
     model = models.build_model(config)
     model.train()

@@ -93,7 +93,7 @@ def profile(preset, device, model_name, steps, warmup, overrides=None, plain=Fal
     xp = backend.array_module(device)
     sync = lambda: bench._sync(xp)  # noqa: E731
     s = bench.resolve_settings(preset, overrides)
-    config = models.ModelConfig(model=model_name, **{k: s[k] for k in bench.SETTINGS if k != "batch_size"})
+    config = bench.model_config(model_name, s)
     nn.manual_seed(0)
     model = models.build_model(config).to(device)
     opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)

@@ -40,7 +40,7 @@ def parameters(preset):
     from minimosaic import bench, models
 
     s = bench.resolve_settings(preset)
-    config = models.ModelConfig(model="mosaic", **{k: s[k] for k in bench.SETTINGS if k != "batch_size"})
+    config = bench.model_config("mosaic", s)
     return models.build_model(config).num_parameters()
 
 

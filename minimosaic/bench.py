@@ -84,6 +84,12 @@ def resolve_settings(preset="char-small", overrides=None):
     return settings
 
 
+def model_config(model_name, s):
+    """The models.ModelConfig of `model_name` ('mosaic' or 'gpt') with the sizes of settings `s`."""
+    from .models import ModelConfig
+    return ModelConfig(model=model_name, **{k: s[k] for k in SETTINGS if k != "batch_size"})
+
+
 def parse_overrides(items):
     """['n_layer=2', 'dropout=0.1', 'bias=true'] -> {'n_layer': 2, 'dropout': 0.1, 'bias': True}."""
     overrides = {}
@@ -281,7 +287,7 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
         backend.set_tf32(tf32)
     sync = lambda: _sync(xp)  # noqa: E731
     rss_base = _rss_now_mb()
-    config = models.ModelConfig(model=model_name, **{k: s[k] for k in SETTINGS if k != "batch_size"})
+    config = model_config(model_name, s)
     config.validate()
     nn.manual_seed(0)
     model = models.build_model(config).to(device)
@@ -502,10 +508,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     if any(name not in MODELS for name in names):
         raise MinimosaicError(f"unknown model {model!r}: use 'mosaic', 'gpt' or 'both'")
     settings = resolve_settings(preset, overrides)
-    from . import models  # validate the sizes here, so a bad override fails before any child starts
-
-    for name in names:
-        models.ModelConfig(model=name, **{k: settings[k] for k in SETTINGS if k != "batch_size"}).validate()
+    for name in names:  # validate the sizes here, so a bad override fails before any child starts
+        model_config(name, settings).validate()
     if device == "gpu":
         backend.array_module("gpu")  # a clear error now if there is no GPU
     threads = threads or blas_threads()
