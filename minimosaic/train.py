@@ -591,8 +591,8 @@ def _train(model_config, config, data, resume, logger, world):
                                 betas=(0.9, 0.95), weight_decay=config.weight_decay)
         schedule = optim.CosineSchedule(config.lr, config.min_lr, config.warmup, config.steps)
         sampler = BatchSampler(data.train_ids, model_config.block_size, config.batch_size, seed=config.seed)
-        val_batches = eval_batches(data.val_ids, model_config.block_size, config.batch_size,
-                                   config.eval_batches)
+        val_batches = [world.shard(x, y) for x, y in eval_batches(data.val_ids, model_config.block_size,
+                                                                 config.batch_size, config.eval_batches)]
         step, best_val, val_loss, elapsed = 0, math.inf, None, 0.0
         scaler = LossScaler() if config.precision == "fp16" else None
 
@@ -719,8 +719,7 @@ def _train(model_config, config, data, resume, logger, world):
             if evaluating or step % config.log_interval == 0:
                 record = summarize()  # before anything is saved: a non-finite loss never reaches a checkpoint
                 if evaluating:
-                    val_loss = world.average(evaluate(model, [world.shard(x, y) for x, y in val_batches],
-                                                      device))
+                    val_loss = world.average(evaluate(model, val_batches, device))  # this rank's rows
                     if not math.isfinite(val_loss):
                         raise MinimosaicError(f"validation loss became {val_loss} at step {step}: lower "
                                               f"--lr or raise --warmup; {last_good()}")
