@@ -77,16 +77,23 @@ ATTENTION = {  # name: (fn, shapes)
 OTHERS = {  # name: (replaced function, fn, shapes, domains)
     "matmul 2-D, transposed": ("ops.matmul", lambda a, b: ops.matmul(a, ops.swapaxes(b, 0, 1)), [(40, 7), (9, 7)], None),
     "matmul batched": ("ops.matmul", ops.matmul, [(2, 3, 5, 4), (3, 4, 6)], None),
+    "matmul, rows @ matrix (a Linear layer)": ("ops.matmul", ops.matmul, [(2, 3, 5, 4), (4, 6)], None),
+    "matmul, strided rows @ matrix": ("ops.matmul", lambda a, b: ops.matmul(ops.swapaxes(a, 0, 1), b),
+                                      [(5, 3, 4), (4, 6)], None),
     "gelu, strided": ("ops.gelu", lambda x: ops.gelu(ops.swapaxes(x, 0, 1)), [(7, 9, 33)], None),
     "layer_norm, strided": ("ops.layer_norm", lambda x, w, b: ops.layer_norm(ops.swapaxes(x, 0, 1), w, b),
                             [(7, 9, 33), (33,), (33,)], None),
     "layer_norm, no params": ("ops.layer_norm", ops.layer_norm, [(5, 12)], None),
+    "layer_norm, weight only": ("ops.layer_norm", ops.layer_norm, [(3, 7, 12), (12,)], None),
+    "layer_norm, bias only": ("ops.layer_norm", lambda x, b: ops.layer_norm(x, None, b), [(3, 7, 12), (12,)], None),
     "leaky_average, T 33": ("memories.leaky_average", mm.leaky_average, [(2, 3, 33, 4), (3,)], [None, "unit"]),
     "leaky_average, T 40": ("memories.leaky_average", mm.leaky_average, [(2, 3, 40, 4), (3,)], [None, "unit"]),
     "leaky_average, strided x": ("memories.leaky_average", lambda x, d: mm.leaky_average(ops.transpose(x, (0, 2, 1, 3)), d),
                                  [(2, 37, 3, 4), (3,)], [None, "unit"]),
     "normalize": ("memories.normalize", mm.normalize, [(3, 4, 5)], None),
     "normalize, per-head scale": ("memories.normalize", mm.normalize, [(2, 3, 4, 5), (3, 1, 1)], None),
+    "normalize, strided, per-head scale": ("memories.normalize", lambda x, s: mm.normalize(ops.swapaxes(x, 0, 2), s),
+                                           [(6, 3, 2, 5), (3, 1, 1)], None),
     "sum_to (through broadcasting)": ("tensor.sum_to", lambda a, b: a * b, [(2, 3, 4, 5), (3, 1, 1)], None),
 }
 
@@ -155,6 +162,36 @@ def test_tiled_attention_fully_masked_rows_give_zero(rng, workers, small_blocks)
         y.sum().backward()
     assert np.all(y.data[:, :, [0, 3]] == 0) and np.all(np.isfinite(k.grad)) and np.all(np.isfinite(v.grad))
     np.testing.assert_allclose(y.data, mm.softmax_attention.plain(k, k, v, mask).data, atol=1e-12)
+
+
+def test_normalize_of_a_zero_row_is_zero_with_a_finite_gradient_as_in_the_plain_core(rng, workers, small_blocks):
+    data = rng.standard_normal((2, 3, 4, 5))
+    data[1, 2, 3] = 0                                        # a zero key: its u is 0, its gradient finite
+    scales, results = rng.uniform(0.5, 2, (3, 1, 1)), []
+    for fast_on in (False, True):
+        with fast.enabled(fast_on):
+            x, scale = Tensor(data.copy(), requires_grad=True), Tensor(scales.copy(), requires_grad=True)
+            y = mm.normalize(x, scale)
+            (y * Tensor(np.random.default_rng(1).standard_normal(y.shape))).sum().backward()
+            results.append((y.data, x.grad, scale.grad))
+    assert np.all(results[1][0][1, 2, 3] == 0) and np.all(np.isfinite(results[1][1]))
+    for quick, plain in zip(results[1], results[0]):
+        np.testing.assert_allclose(quick, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_gelu_float32_is_within_float32_rounding_of_the_exact_gelu_where_it_matters():
+    """The fast float32 GELU against the float64 exact one, from -12 to 12 (and +-0, +-30): its error is
+    A&S 7.1.26's, absolute ~1e-7 times |x| at most, so a training step cannot tell the two apart."""
+    from scipy.special import erf
+    x = np.concatenate([np.linspace(-12, 12, 20001), [0.0, -0.0, 30.0, -30.0]]).astype(np.float32)
+    with fast.enabled():
+        t = Tensor(x, requires_grad=True)
+        y = ops.gelu(t)
+        y.sum().backward()
+    exact = x.astype(np.float64) * (1 + erf(x / np.sqrt(2))) / 2
+    slope = (1 + erf(x / np.sqrt(2))) / 2 + x * np.exp(-x.astype(np.float64) ** 2 / 2) / np.sqrt(2 * np.pi)
+    assert np.abs(y.data - exact).max() < 1e-6 and np.abs(t.grad - slope).max() < 1e-6
+    assert y.data[-4] == 0 and y.data[-2] == 30 and y.data[-1] == 0
 
 
 def test_attention_with_dropout_or_few_scores_is_left_to_the_plain_core(rng):

@@ -126,28 +126,42 @@ def parallel_tiles(body, count, workers):
 
 
 ELEMENTWISE_MIN = 1 << 18      # elements below which an elementwise fast path runs in one piece
-BLOCK_ELEMENTS = 1 << 15       # ~128 KB of float32 per block: the in-place passes stay in cache
 
 
-def map_blocks(fn, *arrays):
+def _rows_per_block(array):
+    """Rows in each of map_blocks's blocks of `array`, or None where it runs in one piece: about
+    BLOCK_ELEMENTS, and no more than a worker's share, so that every worker gets a block."""
+    workers = cpu_workers() if isinstance(array, np.ndarray) else 1
+    if workers <= 1 or array.ndim == 0 or array.size < ELEMENTWISE_MIN:
+        return None
+    rows = array.size // array.shape[-1]
+    return max(1, min(BLOCK_ELEMENTS // array.shape[-1], -(-rows // workers)))
+
+
+def block_count(array):
+    """How many blocks map_blocks cuts `array` into (to size per-block partial results)."""
+    step = _rows_per_block(array)
+    return 1 if step is None else -(-(array.size // array.shape[-1]) // step)
+
+
+def map_blocks(fn, *arrays, index=False):
     """Call fn(*blocks) on matching row blocks of arrays that share their leading axes (the last may
     differ, e.g. (B, T, C) and (B, T, 1)); the outputs among them are written in place by fn, so they
-    must be C-contiguous arrays the caller just made.
+    must be C-contiguous arrays the caller just made. With index=True fn gets the block's number first,
+    fn(i, *blocks), so it can write per-block partial results (block_count says how many).
 
     On NumPy with the pool on, the blocks run on all cores (parallel_tiles); otherwise (CuPy, small
-    arrays) fn runs once on the whole arrays.
+    arrays) fn runs once on the whole arrays, as block 0 of 1.
     """
-    first = arrays[0]
-    workers = cpu_workers() if isinstance(first, np.ndarray) else 1
-    if workers <= 1 or first.ndim == 0 or first.size < ELEMENTWISE_MIN:
-        fn(*arrays)
+    step = _rows_per_block(arrays[0])
+    if step is None:
+        fn(*((0,) if index else ()), *arrays)
         return
     rows = [a.reshape(-1, a.shape[-1]) for a in arrays]
-    step = max(1, BLOCK_ELEMENTS // first.shape[-1])
 
     def block(worker, i):
-        fn(*(r[i * step:(i + 1) * step] for r in rows))
-    parallel_tiles(block, -(-rows[0].shape[0] // step), workers)
+        fn(*((i,) if index else ()), *(r[i * step:(i + 1) * step] for r in rows))
+    parallel_tiles(block, block_count(arrays[0]), cpu_workers())
 
 
 PARALLEL_MATMUL_MIN = 1 << 21   # multiply-adds below which a product runs in one piece (tens of microseconds)
@@ -195,4 +209,11 @@ def l2_cache_bytes(sysfs="/sys/devices/system/cpu/cpu0/cache"):
         except (OSError, ValueError, KeyError):
             continue
     return DEFAULT_L2_BYTES
+
+
+# Elements in one block of an elementwise pass (map_blocks): as many float32 numbers as a core's L2 cache
+# holds bytes / 4. Each NumPy call costs microseconds of Python under the GIL, which the pool's threads
+# take turns to hold, so small blocks leave the cores waiting; blocks of an L2 of float32 were the
+# fastest measured (benchmarks/NOTES.md, entry 13), though a block's 3-5 arrays then live in L3.
+BLOCK_ELEMENTS = l2_cache_bytes() // 4
 

@@ -45,10 +45,21 @@ def product(a, b):
 
 # ---------------------------------------------------------------- ops.matmul
 def matmul(a, b):
-    """ops.matmul with its three products through `product`."""
+    """ops.matmul with its three products through `product`. A batch of rows times one matrix,
+    (..., K) @ (K, N) as in every Linear layer, is one (rows, K) @ (K, N) product: its weight gradient
+    is then one product with an inner dimension of all the rows, not a product per batch entry summed
+    afterwards."""
     a, b = _pair(a, b)
     if a.ndim < 2 or b.ndim < 2:
         return NotImplemented  # the plain op says what is wrong
+    if a.ndim > 2 and b.ndim == 2:
+        rows = a.data.reshape(-1, a.shape[-1])                                   # (rows, K)
+
+        def rows_backward(g):
+            g = g.reshape(-1, g.shape[-1])                                       # (rows, N)
+            return product(g, b.data.T).reshape(a.shape), product(rows.T, g)
+        return make_result(product(rows, b.data).reshape(a.shape[:-1] + (b.shape[-1],)), (a, b),
+                           rows_backward)
 
     def backward(g):
         return product(g, b.data.swapaxes(-1, -2)), product(a.data.swapaxes(-1, -2), g)
@@ -57,95 +68,132 @@ def matmul(a, b):
 
 # ---------------------------------------------------------------- ops.gelu (CPU, float32)
 ERF_P, ERF_A = 0.3275911, (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+SIGN_BIT = np.uint32(0x80000000)
 
 
 def gelu(a):
     """ops.gelu for float32 NumPy arrays, as in-place passes over row blocks on the pool (cpu.map_blocks).
 
-    SciPy's erf is exact but ~40x slower than NumPy's tanh. Here erf(z) = 1 - poly(s) exp(-z^2),
-    s = 1 / (1 + p |z|) (Abramowitz & Stegun 7.1.26, absolute error < 1.5e-7: float32's rounding), with
-    the sign of z. exp(-z^2) = exp(-x^2 / 2) is kept for the backward:
-    dx = g ((1 + erf) / 2 + x exp(-x^2 / 2) / sqrt(2 pi)). float64 inputs get the exact plain op.
+    SciPy's erf is exact but ~40x slower than NumPy's tanh. Here, with s = 1 / (1 + p |x| / sqrt 2),
+    q = Phi(-|x|) = poly(s) exp(-x^2 / 2) / 2 (Abramowitz & Stegun 7.1.26 for erfc, absolute error
+    < 1.5e-7: float32's rounding), and Phi(x) = 1/2 + sign(x) (1/2 - q). The sign is copied as a bit
+    (NumPy's copysign is not vectorised: ~5x slower than two integer passes). Kept for the backward:
+    Phi(x) - 1/2 and exp(-x^2 / 2), so dx = g (Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi)) is four passes.
+    float64 inputs get the exact plain op.
     """
     x = a.data
     if not _on_numpy(x) or x.dtype != np.float32:
         return NotImplemented
     f = np.float32
-    t, e, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+    half_poly = [f(c / 2) for c in ERF_A]          # q = (poly / 2)(s) exp(-x^2 / 2)
+    centred, e, out = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
 
-    def forward(t, e, out, x):
-        np.multiply(x, f(1 / math.sqrt(2)), out=t)                               # z
-        np.multiply(t, t, out=e)
-        np.negative(e, out=e)
-        np.exp(e, out=e)                                                         # exp(-z^2)
-        np.abs(t, out=t)
-        t *= f(ERF_P)
-        t += 1
-        np.reciprocal(t, out=t)                                                  # s
-        np.multiply(t, f(ERF_A[4]), out=out)
-        for coefficient in reversed(ERF_A[:4]):
-            out += f(coefficient)
-            out *= t                                                             # poly(s)
-        out *= e
-        np.subtract(1, out, out=t)
-        np.copysign(t, x, out=t)                                                 # erf(z)
-        np.add(t, 1, out=out)
-        out *= x
-        out *= 0.5                                                               # x (1 + erf) / 2
-    cpu.map_blocks(forward, t, e, out, x)
+    def forward(centred, e, out, x):
+        np.multiply(x, x, out=e)
+        e *= f(-0.5)
+        np.exp(e, out=e)                                                         # exp(-x^2 / 2)
+        s = centred                                                              # (scratch until the end)
+        np.abs(x, out=s)
+        s *= f(ERF_P / math.sqrt(2))
+        s += f(1)
+        np.divide(f(1), s, out=s)                                                # s
+        np.multiply(s, half_poly[4], out=out)
+        for coefficient in reversed(half_poly[:4]):
+            out += coefficient
+            out *= s
+        out *= e                                                                 # q = Phi(-|x|)
+        np.subtract(f(0.5), out, out=centred)                                    # 1/2 - q >= 0
+        sign = out.view(np.uint32)
+        np.bitwise_and(x.view(np.uint32), SIGN_BIT, out=sign)
+        np.bitwise_or(centred.view(np.uint32), sign, out=centred.view(np.uint32))  # Phi(x) - 1/2
+        np.add(centred, f(0.5), out=out)
+        out *= x                                                                 # x Phi(x)
+    cpu.map_blocks(forward, centred, e, out, x)
 
     def backward(g):
-        def derivative(dx, t, e, x, g):
+        def derivative(dx, centred, e, x, g):
             np.multiply(x, e, out=dx)
-            dx *= f(2 / math.sqrt(2 * math.pi))
-            dx += 1
-            dx += t
-            dx *= 0.5
+            dx *= f(1 / math.sqrt(2 * math.pi))                                  # x phi(x)
+            dx += centred
+            dx += f(0.5)
             dx *= g
         dx = np.empty(x.shape, g.dtype)
-        cpu.map_blocks(derivative, dx, t, e, x, g)
+        cpu.map_blocks(derivative, dx, centred, e, x, g)
         return (dx,)
     return make_result(out, (a,), backward)
 
 
 # ---------------------------------------------------------------- ops.layer_norm
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """ops.layer_norm: on the CPU both passes over row blocks on the pool, in place; on a GPU one CUDA
-    block per row (cuda_kernels.layer_norm_rows)."""
+    """ops.layer_norm: on the CPU both passes over row blocks on the pool, in place, every row mean a
+    product with a (1/C, ..., 1/C) vector (NumPy's reductions are slow on rows of a few hundred) and the
+    weight and bias gradients summed per block; on a GPU one CUDA block per row."""
     data = x.data
     w = None if weight is None else weight.data
-    on_gpu = cuda_kernels.enabled("layer_norm", data)
-    if not (on_gpu or _on_numpy(data)):
-        return NotImplemented
-    if on_gpu:
-        out, xhat, rstd = cuda_kernels.layer_norm_rows(data, w, None if bias is None else bias.data, eps)
-    else:
-        xhat, rstd = np.empty(data.shape, data.dtype), np.empty(data.shape[:-1] + (1,), data.dtype)
+    b = None if bias is None else bias.data
+    if cuda_kernels.enabled("layer_norm", data):
+        return _layer_norm_gpu(x, weight, bias, eps)
+    if not _on_numpy(data) or data.dtype not in (np.float32, np.float64):
+        return NotImplemented  # (float16: the plain op computes in float32)
+    mean_of = np.full(data.shape[-1], 1 / data.shape[-1], data.dtype)          # x @ mean_of: row means
+    xhat, rstd = np.empty(data.shape, data.dtype), np.empty(data.shape[:-1] + (1,), data.dtype)
+    affine = w is not None or b is not None
+    out = np.empty(data.shape, data.dtype) if affine else xhat
 
-        def normalize_rows(xhat, rstd, x):
-            np.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)
-            np.sqrt((xhat * xhat).mean(axis=-1, keepdims=True) + eps, out=rstd)
-            np.divide(1, rstd, out=rstd)
-            xhat *= rstd
-        cpu.map_blocks(normalize_rows, xhat, rstd, data)
-        out = xhat if w is None else xhat * w
-        if bias is not None:
-            out = out + bias.data
-    params = tuple(p for p in (weight, bias) if p is not None)
+    def normalize_rows(out, xhat, rstd, x):
+        np.subtract(x, (x @ mean_of)[..., None], out=xhat)                         # x - mean
+        squares = out if affine else np.empty_like(xhat)
+        np.multiply(xhat, xhat, out=squares)
+        np.add((squares @ mean_of)[..., None], eps, out=rstd)                      # var + eps
+        np.sqrt(rstd, out=rstd)
+        np.divide(1, rstd, out=rstd)
+        xhat *= rstd
+        if affine:
+            np.multiply(xhat, w, out=out) if w is not None else np.copyto(out, xhat)
+            if b is not None:
+                out += b
+    cpu.map_blocks(normalize_rows, out, xhat, rstd, data)
 
     def backward(g):
-        def input_grad(dx, g, xhat, rstd):
-            dxhat = g if w is None else g * w
-            np.subtract(dxhat, dxhat.mean(axis=-1, keepdims=True), out=dx)
-            dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+        dx = np.empty(data.shape, g.dtype)
+        blocks = cpu.block_count(dx)
+        dw = np.zeros((blocks, data.shape[-1]), g.dtype) if w is not None else None   # per-block sums,
+        db = np.zeros((blocks, data.shape[-1]), g.dtype) if b is not None else None   # added in order
+
+        def input_grad(i, dx, g, xhat, rstd):
+            scratch = np.empty_like(dx)
+            np.multiply(g, w, out=dx) if w is not None else np.copyto(dx, g)       # dxhat
+            np.multiply(dx, xhat, out=scratch)
+            xhat_term = (scratch @ mean_of)[..., None]                             # mean(dxhat xhat)
+            dx -= (dx @ mean_of)[..., None]                                        # - mean(dxhat)
+            np.multiply(xhat, xhat_term, out=scratch)
+            dx -= scratch
             dx *= rstd
-        if on_gpu:
-            dx = cuda_kernels.layer_norm_backward_rows(g, w, xhat, rstd)
-        else:
-            dx = np.empty(data.shape, g.dtype)
-            cpu.map_blocks(input_grad, dx, g, xhat, rstd)
+            if dw is not None:
+                np.multiply(g, xhat, out=scratch)
+                dw[i] = _sum_rows(scratch)
+            if db is not None:
+                db[i] = _sum_rows(g)
+        cpu.map_blocks(input_grad, dx, g, xhat, rstd, index=True)
+        return (dx,) + tuple(partial.sum(axis=0) for partial in (dw, db) if partial is not None)
+    return make_result(out, (x,) + tuple(p for p in (weight, bias) if p is not None), backward)
+
+
+def _sum_rows(a):
+    """The sum of all rows of a (..., C) array, as one product with a ones vector: (C,)."""
+    rows = a.reshape(-1, a.shape[-1])
+    return np.ones(rows.shape[0], a.dtype) @ rows
+
+
+def _layer_norm_gpu(x, weight, bias, eps):
+    """ops.layer_norm on a GPU: one CUDA block per row (cuda_kernels.layer_norm_rows and its backward)."""
+    w = None if weight is None else weight.data
+    out, xhat, rstd = cuda_kernels.layer_norm_rows(x.data, w, None if bias is None else bias.data, eps)
+
+    def backward(g):
+        dx = cuda_kernels.layer_norm_backward_rows(g, w, xhat, rstd)
         return (dx,) + ((g * xhat,) if weight is not None else ()) + ((g,) if bias is not None else ())
-    return make_result(out, (x,) + params, backward)
+    return make_result(out, (x,) + tuple(p for p in (weight, bias) if p is not None), backward)
 
 
 # ---------------------------------------------------------------- memories.softmax_attention
@@ -349,7 +397,10 @@ def chunked_scan(x, decay, chunk, reverse=False):
 
 # ---------------------------------------------------------------- memories.normalize
 def normalize(x, scale=None, eps=memories.NORM_EPS):
-    """memories.normalize: one warp per row on a GPU; row sums through BLAS on the CPU."""
+    """memories.normalize: one warp per row on a GPU. On the CPU, row blocks on the pool, each row's
+    sums a product with a ones vector (cpu.row_sum), and u = x / (|x| + eps) never stored: the forward
+    keeps 1 / (|x| + eps) per row, and the backward needs only the row dot products x . g, as
+    dx = g s / (n + eps) - x (x . g) s / (n (n + eps)^2) and ds_h = sum over head h's rows of (x . g) / (n + eps)."""
     parents = (x,) if scale is None else (x, scale)
     s = None if scale is None else scale.data
     if cuda_kernels.enabled("normalize", x.data):
@@ -358,16 +409,32 @@ def normalize(x, scale=None, eps=memories.NORM_EPS):
         return make_result(y, parents, lambda g: cuda_kernels.normalize_backward_rows(g, data, norm, eps, s))
     if not _on_numpy(x.data):
         return NotImplemented
-    norm = np.sqrt(cpu.row_sum(x.data * x.data))
-    inv = 1 / (norm + eps)
-    u = x.data * inv
-    y = u if s is None else u * s
+    data = np.ascontiguousarray(x.data)
+    rows = data.shape[:-1] + (1,)
+    row_scale = np.ones(rows, data.dtype) if s is None else np.ascontiguousarray(np.broadcast_to(s, rows))
+    y, norm, inv = np.empty(data.shape, data.dtype), np.empty(rows, data.dtype), np.empty(rows, data.dtype)
+
+    def forward(y, norm, inv, x, row_scale):
+        np.multiply(x, x, out=y)
+        np.sqrt(cpu.row_sum(y), out=norm)                                        # n = |x|
+        np.add(norm, eps, out=inv)
+        np.divide(1, inv, out=inv)                                               # 1 / (n + eps)
+        np.multiply(x, inv * row_scale, out=y)                                   # s u
+    cpu.map_blocks(forward, y, norm, inv, data, row_scale)
 
     def backward(g):
-        gu = g if s is None else g * s
-        along = cpu.row_sum(u * gu) / np.where(norm > 0, norm, 1)
-        dx = (gu - x.data * along) * inv
-        return (dx,) if s is None else (dx, g * u)
+        dx, along = np.empty(data.shape, g.dtype), np.empty(rows, g.dtype)
+
+        def input_grad(dx, along, g, x, norm, inv, row_scale):
+            np.multiply(x, g, out=dx)
+            np.multiply(cpu.row_sum(dx), inv, out=along)                         # u . g
+            np.multiply(g, inv * row_scale, out=dx)
+            safe_norm = np.where(norm > 0, norm, 1)
+            dx -= x * (along * row_scale * inv / safe_norm)                      # (0 where x = 0)
+        cpu.map_blocks(input_grad, dx, along, np.ascontiguousarray(g), data, norm, inv, row_scale)
+        if s is None:
+            return (dx,)
+        return dx, along.sum(axis=broadcast_axes(along.shape, s.shape), keepdims=True).reshape(s.shape)
     return make_result(y, parents, backward)
 
 
