@@ -354,6 +354,7 @@ def log_softmax(a, axis=-1):
     return make_result(y, (a,), backward)
 
 
+@replaceable
 def cross_entropy(logits, targets, ignore_index=-1):
     """Mean over counted rows of  -log softmax(logits)[target],  rows with target == ignore_index skipped.
 

@@ -168,18 +168,26 @@ PARALLEL_MATMUL_MIN = 1 << 21   # multiply-adds below which a product runs in on
 
 
 def matmul(a, b):
-    """a @ b for NumPy arrays. A large 2-D product is cut into row blocks run by the pool (parallel_tiles),
+    """a @ b for NumPy arrays. A large 2-D product is cut into blocks run by the pool (parallel_tiles),
     so it shares the cores the same way as the fused ops (BLAS's own threads spin while they wait, which
-    stalls when the machine is busy)."""
+    stalls when the machine is busy). The blocks cut the longer side of the output: a's rows, or b's
+    columns when a has fewer rows than b has columns (a weight gradient x^T g, or the tied head's
+    E-gradient g^T h), so that each block reads the smaller operand whole and a slice of the larger."""
     workers = cpu_workers()
     if workers <= 1 or a.ndim != 2 or b.ndim != 2 or a.shape[0] * a.shape[1] * b.shape[1] < PARALLEL_MATMUL_MIN:
         return a @ b
     out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-    step = -(-a.shape[0] // (2 * workers))   # two blocks per thread: a slowed core takes fewer
+    by_rows = a.shape[0] >= b.shape[1]
+    length = a.shape[0] if by_rows else b.shape[1]
+    step = -(-length // (2 * workers))   # two blocks per thread: a slowed core takes fewer
 
     def block(worker, i):
-        np.matmul(a[i * step:(i + 1) * step], b, out=out[i * step:(i + 1) * step])
-    parallel_tiles(block, -(-a.shape[0] // step), workers)
+        part = slice(i * step, (i + 1) * step)
+        if by_rows:
+            np.matmul(a[part], b, out=out[part])
+        else:
+            np.matmul(a, b[:, part], out=out[:, part])
+    parallel_tiles(block, -(-length // step), workers)
     return out
 
 

@@ -5,13 +5,15 @@ gives the same result: the same values (to rounding) and the same gradients. It 
 for inputs it does not handle (another device, dropout, a kernel switched off), and the plain function
 runs. tests/test_fast.py checks every pair, in float64 and float32, on the CPU and on a GPU.
 
-  ops.matmul              CPU: big 2-D products in row blocks on the pool; GPU: recordable in a CUDA graph
+  ops.matmul              CPU: big 2-D products in blocks on the pool; GPU: recordable in a CUDA graph
   ops.gelu                CPU, float32: a float32-exact erf, in-place passes over row blocks on all cores
   ops.layer_norm          CPU: the same, both passes; GPU: one CUDA block per row
+  ops.cross_entropy       CPU: softmax rows on the pool, kept for a one-pass backward
   memories.softmax_attention  CPU: tiled, flash-style, on the pool; GPU: two fused passes and kernels
   memories.leaky_average  CPU: chunked scan (products inside chunks of 16); GPU: one thread per channel
-  memories.normalize      CPU: row sums through BLAS; GPU: one warp per row
-  optim.adamw_update      GPU: the update in one pass, its rates readable from a CUDA graph
+  memories.normalize      CPU: row blocks on the pool, row sums through BLAS; GPU: one warp per row
+  optim.adamw_update      CPU: big parameters over row blocks on the pool; GPU: the update in one pass,
+                          its rates readable from a CUDA graph
   tensor.sum_to           GPU: big multi-axis sums one axis at a time
 """
 import functools
@@ -22,11 +24,12 @@ import numpy as np
 from .. import memories, precision
 from ..backend import get_array_module
 from ..ops import _pair
-from ..tensor import broadcast_axes, make_result
+from ..tensor import Tensor, broadcast_axes, make_result
 from . import cpu, cuda_kernels
 
 LEAKY_CHUNK = 16            # positions per chunk of the CPU scan: on 2 EPYC cores 8 and 16 tie
 TILE_SCORES = cpu.l2_cache_bytes() // 4   # scores per attention tile: a core's L2 cache in float32
+LOG2_E = 1 / math.log(2)
 SMALL_ATTENTION = 1 << 15   # scores below which the plain attention is faster (a generated token's)
 STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
 capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
@@ -121,6 +124,45 @@ def gelu(a):
         cpu.map_blocks(derivative, dx, centred, e, x, g)
         return (dx,)
     return make_result(out, (a,), backward)
+
+
+# ---------------------------------------------------------------- ops.cross_entropy (CPU)
+def cross_entropy(logits, targets, ignore_index=-1):
+    """ops.cross_entropy on the CPU over row blocks on the pool. The forward leaves softmax(logits) in
+    one array, computed as exp2((z - max) log2 e) (NumPy's float32 exp2 is faster than its exp) with
+    row sums as products; the backward is then one pass, (softmax - onehot) g / n_counted, in place."""
+    z = logits.data
+    if not _on_numpy(z) or z.dtype not in (np.float32, np.float64):
+        return NotImplemented
+    z = z.reshape(-1, z.shape[-1])                                               # (rows, V)
+    t = np.asarray(targets.data if isinstance(targets, Tensor) else targets).reshape(-1)
+    keep = t != ignore_index
+    safe_t = np.where(keep, t, 0)
+    rows = np.arange(len(t))
+    one = z.dtype.type
+    probs, lse = np.empty(z.shape, z.dtype), np.empty((len(t), 1), z.dtype)
+
+    def softmax_rows(probs, lse, z):
+        m = z.max(axis=-1, keepdims=True)
+        np.subtract(z, m, out=probs)
+        probs *= one(LOG2_E)
+        np.exp2(probs, out=probs)
+        total = cpu.row_sum(probs)
+        probs /= total
+        np.add(m, np.log(total), out=lse)                                        # log sum exp
+    cpu.map_blocks(softmax_rows, probs, lse, z)
+    count = max(int(keep.sum()), 1)
+    loss = ((lse[:, 0] - z[rows, safe_t]) * keep).sum() / count
+
+    def backward(g):
+        def scale_rows(grad, probs, row_scale):
+            np.multiply(probs, row_scale, out=grad)
+        row_scale = (keep * (g / count)).astype(z.dtype)[:, None]                # (rows, 1)
+        grad = np.empty(z.shape, z.dtype)
+        cpu.map_blocks(scale_rows, grad, probs, row_scale)
+        grad[rows, safe_t] -= row_scale[:, 0]                                    # - onehot g / n
+        return (grad.reshape(logits.shape),)
+    return make_result(np.asarray(loss, z.dtype), (logits,), backward)
 
 
 # ---------------------------------------------------------------- ops.layer_norm
@@ -277,13 +319,15 @@ def _tiled_attention(q, k, v, mask, scale):
     while they are in cache. The (Tq, Tk) weights are never stored: the forward keeps the row
     log-normalisers lse = max + log rowsum e, and the backward recomputes P = exp(s - lse) per block
     (one more q k^T product, flash-attention style). A block holds whole rows, so delta = rowsum(dP * P)
-    is computed inside it, from the block's own dP and P."""
+    is computed inside it, from the block's own dP and P. Scores are kept in base 2 (the queries scaled by
+    log2 e once): exp(s - m) = exp2(s log2 e - m log2 e), and NumPy's float32 exp2 is both faster than its
+    exp (~0.4 against ~0.7 ns per number on AVX-512) and more accurate (under 1 ulp)."""
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     Tq, (Tk, dv) = q.shape[-2], v.shape[-2:]
 
     def flat(a, n):
         return np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1]))
-    qs = flat(q.data, Tq) * q.dtype.type(scale)                                  # (nb, Tq, d), scaled once
+    qs = flat(q.data, Tq) * q.dtype.type(scale * LOG2_E)                         # (nb, Tq, d), scaled once
     kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)
     nb = qs.shape[0]
     bias = None if mask is None else np.where(mask, 0, -np.inf).astype(q.dtype)  # (Tq, Tk)
@@ -302,13 +346,13 @@ def _tiled_attention(q, k, v, mask, scale):
         m = e.max(axis=-1, keepdims=True)
         m[~np.isfinite(m)] = 0                  # fully masked rows: e = 0 below
         e -= m
-        np.exp(e, out=e)
+        np.exp2(e, out=e)
         total = cpu.row_sum(e)
         total[total == 0] = 1
         out = e @ vf[b0:b1, :kend]
         out /= total
         y[b0:b1, r0:r1] = out
-        lse[b0:b1, r0:r1] = m + np.log(total)
+        lse[b0:b1, r0:r1] = m + np.log2(total)                                   # (base 2)
 
     cpu.parallel_tiles(forward_tile, len(tiles), workers)
 
@@ -335,7 +379,7 @@ def _tiled_attention(q, k, v, mask, scale):
             p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
             if bias is not None:
                 p += bias[r0:r1, :kend]
-            np.exp(p, out=p)                                                     # P, (G, rows, kend)
+            np.exp2(p, out=p)                                                    # P, (G, rows, kend)
             part = part_of[r0]
             dvs[part, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
             ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
@@ -347,10 +391,12 @@ def _tiled_attention(q, k, v, mask, scale):
         cpu.parallel_tiles(backward_tile, len(tiles), workers)
         if scale != 1.0:
             dq *= q.dtype.type(scale)
+        dk_sum = dk.sum(axis=0)
+        dk_sum *= q.dtype.type(1 / LOG2_E)                                       # (qs carries log2 e)
 
         def shape(a, n):
             return a.reshape(batch + (n, a.shape[-1]))
-        return shape(dq, Tq), shape(dk.sum(axis=0), Tk), shape(dvs.sum(axis=0), Tk)
+        return shape(dq, Tq), shape(dk_sum, Tk), shape(dvs.sum(axis=0), Tk)
     return make_result(y.reshape(batch + (Tq, dv)), (q, k, v), backward)
 
 
@@ -446,6 +492,8 @@ def adamw_update(p, g, m, v, lr, betas, eps, weight_decay, t):
     """optim.adamw_update in one CUDA pass. Its three step-dependent numbers (keep = 1 - lr wd,
     step_size = lr / (1 - b1^t), 1 / sqrt(1 - b2^t)) are kernel arguments, or, while a CUDA graph
     records, a row of a device array that each replay refreshes (`rates_recorder`)."""
+    if _on_numpy(p):
+        return _adamw_update_cpu(p, g, m, v, lr, betas, eps, weight_decay, t)
     if not cuda_kernels.enabled("adamw", p):
         return NotImplemented
     b1, b2 = betas
@@ -457,6 +505,35 @@ def adamw_update(p, g, m, v, lr, betas, eps, weight_decay, t):
         cuda_kernels.adamw_update_from(p, g, m, v, device_rates, b1, b2, eps)
     else:
         cuda_kernels.adamw_update(p, g, m, v, rates, b1, b2, eps)
+    return None
+
+
+def _adamw_update_cpu(p, g, m, v, lr, betas, eps, weight_decay, t):
+    """optim.adamw_update on the CPU for big parameters: the same passes, in place, over row blocks on the
+    pool (a token embedding of millions of numbers is updated on all cores, in cache)."""
+    if p.size < cpu.ELEMENTWISE_MIN or not all(a.flags.c_contiguous for a in (p, m, v)):
+        return NotImplemented
+    (b1, b2), one = betas, p.dtype.type
+    keep, step_size, rms_correction = 1 - lr * weight_decay, lr / (1 - b1 ** t), 1 / math.sqrt(1 - b2 ** t)
+
+    def update(p, g, m, v):
+        scratch = np.empty_like(p)
+        if weight_decay:
+            p *= one(keep)
+        m *= one(b1)
+        np.multiply(g, one(1 - b1), out=scratch)
+        m += scratch                                                             # b1 m + (1 - b1) g
+        v *= one(b2)
+        np.multiply(g, g, out=scratch)
+        scratch *= one(1 - b2)
+        v += scratch                                                             # b2 v + (1 - b2) g^2
+        np.sqrt(v, out=scratch)
+        scratch *= one(rms_correction)
+        scratch += one(eps)                                                      # sqrt(vhat) + eps
+        np.divide(m, scratch, out=scratch)
+        scratch *= one(step_size)
+        p -= scratch
+    cpu.map_blocks(update, p, g, m, v)
     return None
 
 
@@ -484,6 +561,7 @@ REPLACEMENTS = {name: _full_precision_only(replacement) for name, replacement in
     "ops.matmul": matmul,
     "ops.gelu": gelu,
     "ops.layer_norm": layer_norm,
+    "ops.cross_entropy": cross_entropy,
     "memories.softmax_attention": softmax_attention,
     "memories.leaky_average": leaky_average,
     "memories.normalize": normalize,
