@@ -130,7 +130,7 @@ def gelu(a):
 def cross_entropy(logits, targets, ignore_index=-1):
     """ops.cross_entropy on the CPU over row blocks on the pool. The forward leaves softmax(logits) in
     one array, computed as exp2((z - max) log2 e) (NumPy's float32 exp2 is faster than its exp) with
-    row sums as products; the backward is then one pass, (softmax - onehot) g / n_counted, in place."""
+    row sums as products; the backward is then one pass, (softmax - onehot) g / n_counted."""
     z = logits.data
     if not _on_numpy(z) or z.dtype not in (np.float32, np.float64):
         return NotImplemented
@@ -190,10 +190,12 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
         np.sqrt(rstd, out=rstd)
         np.divide(1, rstd, out=rstd)
         xhat *= rstd
-        if affine:
-            np.multiply(xhat, w, out=out) if w is not None else np.copyto(out, xhat)
-            if b is not None:
-                out += b
+        if w is not None:
+            np.multiply(xhat, w, out=out)
+        elif affine:
+            np.copyto(out, xhat)
+        if b is not None:
+            out += b
     cpu.map_blocks(normalize_rows, out, xhat, rstd, data)
 
     def backward(g):
@@ -204,7 +206,10 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
         def input_grad(i, dx, g, xhat, rstd):
             scratch = np.empty_like(dx)
-            np.multiply(g, w, out=dx) if w is not None else np.copyto(dx, g)       # dxhat
+            if w is not None:
+                np.multiply(g, w, out=dx)                                          # dxhat
+            else:
+                np.copyto(dx, g)
             np.multiply(dx, xhat, out=scratch)
             xhat_term = (scratch @ mean_of)[..., None]                             # mean(dxhat xhat)
             dx -= (dx @ mean_of)[..., None]                                        # - mean(dxhat)
@@ -213,16 +218,16 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
             dx *= rstd
             if dw is not None:
                 np.multiply(g, xhat, out=scratch)
-                dw[i] = _sum_rows(scratch)
+                dw[i] = _column_sums(scratch)
             if db is not None:
-                db[i] = _sum_rows(g)
+                db[i] = _column_sums(g)
         cpu.map_blocks(input_grad, dx, g, xhat, rstd, index=True)
         return (dx,) + tuple(partial.sum(axis=0) for partial in (dw, db) if partial is not None)
     return make_result(out, (x,) + tuple(p for p in (weight, bias) if p is not None), backward)
 
 
-def _sum_rows(a):
-    """The sum of all rows of a (..., C) array, as one product with a ones vector: (C,)."""
+def _column_sums(a):
+    """The sum of all rows of a (..., C) array, (C,), as one product with a ones vector."""
     rows = a.reshape(-1, a.shape[-1])
     return np.ones(rows.shape[0], a.dtype) @ rows
 
