@@ -13,11 +13,19 @@ to a composition) is counted in the outer one. On a GPU each row therefore count
 the Python/launch time spent issuing them; the synchronised step is slower than a free-running one
 (printed beside it), but the ranking shows what to fuse. `engine` is what backward() spends outside the
 ops (summing broadcast gradients, adding gradients of shared inputs); `adamw` is the optimizer step.
+
+--cpu-rates (CPU) adds what this CPU does with the step's building blocks, so that two CPU kinds can be
+compared op by op: its model and L2 size (and the tile and block sizes the fast layer took from it), the
+float32 matmul peak on one thread, the rate of one attention tile's product (inner dimension head_dim)
+on one thread, nanoseconds per number of the passes over an in-cache tile of scores, and the minor
+page faults per step (each a fresh 4 KiB page of memory: the allocator's cost).
 """
 import argparse
 import collections
 import functools
 import json
+import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -128,16 +136,69 @@ def profile(preset, device, model_name, steps, warmup, overrides=None, plain=Fal
     stats = collections.defaultdict(lambda: [0.0, 0])
     instrument(sync, stats, plain)
     parts = {"forward": 0.0, "backward": 0.0, "adamw": stats["adamw"]}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for i in range(steps):
         step(warmup + i, parts)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
     op_backward = sum(t for name, (t, _) in stats.items() if name.endswith(" bwd"))
     stats["engine"] = [parts["backward"] - op_backward, steps]
     free_ms = 1000 * sorted(free_times)[len(free_times) // 2]
     return dict(preset=preset, device=device, model=model_name, plain=plain, steps=steps,
-                free_step_ms=free_ms,
+                free_step_ms=free_ms, page_faults_per_step=faults,
                 synced_step_ms=1000 * (parts["forward"] + parts["backward"] + parts["adamw"][0]) / steps,
                 rows={name: dict(ms_per_step=1000 * t / steps, calls_per_step=n / steps)
                       for name, (t, n) in stats.items()})
+
+
+def cpu_model():
+    """The CPU's model name, as lscpu prints it (from /proc/cpuinfo), or platform's guess."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_seconds(fn, repeats=20):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_rates(preset, overrides=None):
+    """What this CPU does with the step's building blocks, on one thread (as each of the pool's threads
+    works): {name: value}. The tile is the persistent memory's: TILE_SCORES scores, rows x pmem_size."""
+    import numpy as np
+    from minimosaic.fast import cpu, ops as fast_ops
+    s = bench.resolve_settings(preset, overrides)
+    hs, keys = s["n_embd"] // s["n_head"], s["pmem_size"]
+    rows = max(1, fast_ops.TILE_SCORES // keys)
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((rows, hs), np.float32), rng.standard_normal((keys, hs), np.float32)
+    scores, out = q @ k.T, np.empty((rows, keys), np.float32)
+    n = 2048
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    with cpu.blas_threads(1):
+        peak = 2 * n ** 3 / best_seconds(lambda: a @ b, 3) / 1e9
+        tile = 2 * rows * hs * keys / best_seconds(lambda: np.matmul(q, k.T, out=out)) / 1e9
+    per_number = 1e9 / scores.size
+    return {"cpu": cpu_model(), "L2 bytes (sysfs)": cpu.l2_cache_bytes(),
+            "tile scores / block numbers": f"{fast_ops.TILE_SCORES} / {cpu.BLOCK_ELEMENTS}",
+            "matmul peak, 1 thread (GFLOP/s)": round(peak, 1),
+            f"tile product ({rows} x {hs}) @ ({hs} x {keys}), 1 thread (GFLOP/s)": round(tile, 1),
+            "tile product / peak": f"{tile / peak:.0%}",
+            "row max (ns/number)": round(per_number * best_seconds(lambda: scores.max(axis=-1, keepdims=True)), 3),
+            "subtract (ns/number)": round(per_number * best_seconds(lambda: np.subtract(scores, 1, out=out)), 3),
+            "exp2 (ns/number)": round(per_number * best_seconds(lambda: np.exp2(scores, out=out)), 3),
+            "multiply (ns/number)": round(per_number * best_seconds(lambda: np.multiply(scores, out, out=out)), 3),
+            "row sum as a product (ns/number)": round(per_number * best_seconds(lambda: cpu.row_sum(scores)), 3)}
 
 
 def format_profile(result, top=25):
@@ -152,6 +213,9 @@ def format_profile(result, top=25):
                      f"{r['calls_per_step']:6.0f}")
     calls = sum(r["calls_per_step"] for _, r in rows)
     lines.append(f"{'(all ops)':28} {total:8.2f} {'':6} {calls:6.0f}")
+    lines.append(f"minor page faults per step: {result['page_faults_per_step']:,.0f}")
+    for name, value in result.get("cpu_rates", {}).items():
+        lines.append(f"{name}: {value}")
     return "\n".join(lines)
 
 
@@ -166,9 +230,14 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--plain", action="store_true",
                         help="profile the plain core, without the fast layer (also MINIMOSAIC_PLAIN=1)")
+    parser.add_argument("--cpu-rates", action="store_true",
+                        help="also measure this CPU's rates for the step's building blocks (see above)")
     args = parser.parse_args(argv)
+    overrides = bench.parse_overrides(args.set)
     result = profile(args.preset, args.device, args.model, args.steps, args.warmup,
-                     bench.parse_overrides(args.set), plain=args.plain or fast.plain_requested())
+                     overrides, plain=args.plain or fast.plain_requested())
+    if args.cpu_rates:
+        result["cpu_rates"] = cpu_rates(args.preset, overrides)
     print(format_profile(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -251,3 +251,23 @@ def test_the_table_names_the_same_allocator_ratio(tiny_result):
     text = bench.format_table(result)
     assert "mosaic: ours / official  tokens/s 2.00x" in text
     assert "mosaic: ours / official (same allocator)  tokens/s 1.00x" in text
+
+
+def test_op_profile_rows_page_faults_and_cpu_rates():
+    """benchmarks/op_profile.py on a tiny mosaic: every memory op has a row, the rows add up to no more
+    than the synchronised step, and --cpu-rates reports positive rates for this CPU."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "op_profile.py"
+    spec = importlib.util.spec_from_file_location("op_profile", path)
+    op_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_profile)
+    overrides = {k: v for k, v in TINY.items() if k not in ("pmem_count", "dropout", "bias")}
+    result = op_profile.profile("char-small", "cpu", "mosaic", steps=1, warmup=1, overrides=overrides)
+    rows = result["rows"]
+    for name in ("softmax_attention fwd", "softmax_attention bwd", "leaky_average fwd", "normalize bwd", "adamw"):
+        assert rows[name]["calls_per_step"] >= 1, name
+    assert sum(r["ms_per_step"] for r in rows.values()) <= result["synced_step_ms"] * 1.01
+    assert result["page_faults_per_step"] >= 0
+    rates = op_profile.cpu_rates("char-small", overrides)
+    numbers = [v for v in rates.values() if isinstance(v, (int, float))]
+    assert len(numbers) >= 7 and all(v > 0 for v in numbers)
+    assert "(sysfs)" in " ".join(rates) and rates["cpu"]

@@ -2,6 +2,7 @@
 
 Nothing here runs unless minimosaic.fast is enabled: the plain core never imports this module.
 """
+import contextlib
 import ctypes
 import glob
 import itertools
@@ -92,6 +93,22 @@ def set_cpu_workers(n=None):
     _workers = None if n is None else (max(1, int(n)) if _openblas_controls() else 1)
 
 
+@contextlib.contextmanager
+def blas_threads(n):
+    """Inside, OpenBLAS uses n threads (where its thread control was found); afterwards, as before."""
+    controls = _openblas_controls()
+    if controls is None:
+        yield
+        return
+    get, put = controls
+    before = get()
+    put(n)
+    try:
+        yield
+    finally:
+        put(before)
+
+
 def parallel_tiles(body, count, workers):
     """Call body(worker, i) for i in range(count) on `workers` threads (worker in range(workers)).
 
@@ -115,14 +132,9 @@ def parallel_tiles(body, count, workers):
                     return
                 body(worker, i)
 
-        get, put = _openblas_controls()
-        before = get()
-        put(1)
-        try:
+        with blas_threads(1):
             for future in [_pool.submit(run, w) for w in range(workers)]:
                 future.result()
-        finally:
-            put(before)
 
 
 ELEMENTWISE_MIN = 1 << 18      # elements below which an elementwise fast path runs in one piece
