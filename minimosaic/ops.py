@@ -414,6 +414,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     return make_result(out, (x,) + params, backward)
 
 
+@replaceable
 def embedding(weight, ids):
     """z[..., :] = W[ids[...], :] (a row lookup).   dW: g rows added into the looked-up rows."""
     ids = ids.data if isinstance(ids, Tensor) else ids

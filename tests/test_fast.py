@@ -98,6 +98,9 @@ OTHERS = {  # name: (replaced function, fn, shapes, domains)
     "cross_entropy, one row ignored": ("ops.cross_entropy",
                                        lambda z: ops.cross_entropy(z, np.array([[3, -1, 0], [6, 2, 2]])),
                                        [(2, 3, 7)], None),
+    "embedding, repeated ids": ("ops.embedding", lambda w: ops.embedding(w, np.array([[1, 3, 3], [0, 6, 1]])),
+                                [(7, 5)], None),
+    "embedding, no ids": ("ops.embedding", lambda w: ops.embedding(w, np.zeros((0, 2), np.int64)), [(4, 3)], None),
     "sum_to (through broadcasting)": ("tensor.sum_to", lambda a, b: a * b, [(2, 3, 4, 5), (3, 1, 1)], None),
 }
 

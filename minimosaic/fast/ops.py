@@ -9,6 +9,7 @@ runs. tests/test_fast.py checks every pair, in float64 and float32, on the CPU a
   ops.gelu                CPU, float32: a float32-exact erf, in-place passes over row blocks on all cores
   ops.layer_norm          CPU: the same, both passes; GPU: one CUDA block per row
   ops.cross_entropy       CPU: softmax rows on the pool, kept for a one-pass backward
+  ops.embedding           CPU: the backward as sums over runs of sorted ids (np.add.reduceat)
   memories.softmax_attention  CPU: tiled, flash-style, on the pool; GPU: two fused passes and kernels
   memories.leaky_average  CPU: chunked scan (products inside chunks of 16); GPU: one thread per channel
   memories.normalize      CPU: row blocks on the pool, row sums through BLAS; GPU: one warp per row
@@ -163,6 +164,28 @@ def cross_entropy(logits, targets, ignore_index=-1):
         grad[rows, safe_t] -= row_scale[:, 0]                                    # - onehot g / n
         return (grad.reshape(logits.shape),)
     return make_result(np.asarray(loss, z.dtype), (logits,), backward)
+
+
+# ---------------------------------------------------------------- ops.embedding (CPU)
+def embedding(weight, ids):
+    """ops.embedding on the CPU, its backward as sums over runs of equal ids: the ids sorted (stably, so
+    each row's rows are added in their order), then np.add.reduceat over each run, instead of np.add.at,
+    which adds one row at a time (char-small: 6.8 -> 1.3 ms; tok-small: 9.7 -> 3.7 ms)."""
+    if not _on_numpy(weight.data):
+        return NotImplemented
+    ids = np.asarray(ids.data if isinstance(ids, Tensor) else ids)
+
+    def backward(g):
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        ordered = flat[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])          # each run's first
+        grad = np.zeros(weight.shape, g.dtype)
+        if flat.size:
+            rows = g.reshape(-1, weight.shape[-1])[order]                          # (N, C), sorted by id
+            grad[ordered[starts]] = np.add.reduceat(rows, starts, axis=0)
+        return (grad,)
+    return make_result(weight.data[ids], (weight,), backward)
 
 
 # ---------------------------------------------------------------- ops.layer_norm
@@ -567,6 +590,7 @@ REPLACEMENTS = {name: _full_precision_only(replacement) for name, replacement in
     "ops.gelu": gelu,
     "ops.layer_norm": layer_norm,
     "ops.cross_entropy": cross_entropy,
+    "ops.embedding": embedding,
     "memories.softmax_attention": softmax_attention,
     "memories.leaky_average": leaky_average,
     "memories.normalize": normalize,
