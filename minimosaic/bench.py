@@ -486,7 +486,7 @@ def _machine(device, threads):
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
               threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, also_plain=False,
-              same_allocator=False, progress=None):
+              same_allocator=False, rounds=1, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -497,13 +497,17 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     `plain` times our plain core, without the fast layer (minimosaic.fast), instead of the fast layer;
     `also_plain` times both, side by side in the same run (the table then shows what the layer buys).
     `same_allocator` also times the official code with our allocator setting (a second official column).
-    `progress(line)` is called before each child starts. With `json_path` the result is also written
+    `rounds` > 1 times every side that many times, round after round (each round runs every side once),
+    and reports each ratio's value in every round and its median (`ratio_medians`); `runs` and `ratios`
+    are then the last round's. A shared machine drifts over minutes, and interleaved rounds let the
+    drift hit both sides alike. `progress(line)` is called before each child starts. With `json_path` the result is also written
     there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
     """
     device = backend.normalize_device(device)
-    if steps < 1 or warmup < 0:
-        raise MinimosaicError(f"steps {steps} / warmup {warmup}: use steps >= 1 and warmup >= 0")
+    if steps < 1 or warmup < 0 or rounds < 1:
+        raise MinimosaicError(f"steps {steps} / warmup {warmup} / rounds {rounds}: use steps >= 1, warmup >= 0 "
+                              f"and rounds >= 1")
     names = MODELS if model == "both" else (model,)
     if any(name not in MODELS for name in names):
         raise MinimosaicError(f"unknown model {model!r}: use 'mosaic', 'gpt' or 'both'")
@@ -531,20 +535,29 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
         jobs += [("reference", dict(model_name=name, path=str(Path(path).resolve()), threads=threads,
                                     same_allocator=same, **common))
                  for name, path in references for same in ((False, True) if same_allocator else (False,))]
-    runs = []
+    every_round = []
     with tempfile.TemporaryDirectory(prefix="minimosaic-bench-") as workdir:
-        for index, (side, job) in enumerate(jobs):
-            if progress:
-                progress(f"timing {job['model_name']} ({'minimosaic' if side == 'ours' else 'official torch'})...")
-            result, error = _run_child(side, job, threads, workdir, index)
-            if error:  # reported, and the other sides still run
-                notes.append(error)
-            else:
-                runs.append(result)
-    if not runs:
+        for round_index in range(rounds):
+            runs = []
+            for index, (side, job) in enumerate(jobs):
+                if progress:
+                    which = f"round {round_index + 1}/{rounds}: " if rounds > 1 else ""
+                    progress(f"{which}timing {job['model_name']} "
+                             f"({'minimosaic' if side == 'ours' else 'official torch'})...")
+                result, error = _run_child(side, job, threads, workdir, round_index * len(jobs) + index)
+                if error:  # reported, and the other sides still run
+                    notes.append(error)
+                else:
+                    runs.append(result)
+            every_round.append(runs)
+    notes = list(dict.fromkeys(notes))  # a side failing every round is said once
+    if not any(every_round):
         raise MinimosaicError(f"every benchmark failed: {'; '.join(notes)}")
+    runs = every_round[-1]
     result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup, tf32=common["tf32"],
                   machine=_machine(device, threads), runs=runs, ratios=_ratios(runs), notes=notes)
+    if rounds > 1:
+        result.update(rounds=rounds, ratio_medians=_ratio_medians([_ratios(r) for r in every_round]))
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -563,6 +576,18 @@ def _ratios(runs):
                                memory=ours[memory] / theirs[memory], memory_kind=memory,
                                ours=ours["label"], theirs=theirs["label"]))
     return ratios
+
+
+def _ratio_medians(per_round):
+    """[{model, ours, theirs, tokens_per_s: [one value per round it was measured in], median}] from the
+    ratios of each round."""
+    found = {}
+    for ratios in per_round:
+        for r in ratios:
+            key = (r["model"], r["ours"], r["theirs"])
+            found.setdefault(key, dict(model=r["model"], ours=r["ours"], theirs=r["theirs"], tokens_per_s=[]))
+            found[key]["tokens_per_s"].append(r["tokens_per_s"])
+    return [dict(entry, median=statistics.median(entry["tokens_per_s"])) for entry in found.values()]
 
 
 # ---------------------------------------------------------------- the table
@@ -623,14 +648,24 @@ def format_table(result):
                          f"(context {gen['context']}); the official generate() has no cache")
     for r in result["ratios"]:
         memory = "peak RSS" if r["memory_kind"] == "peak_rss_mb" else "GPU memory"
-        which = "ours / official" if "official" in r.get("theirs", "official") else "fast layer / plain core"
-        if "plain" in r.get("ours", ""):
-            which = "plain core / official"
-        if "same allocator" in r.get("theirs", ""):
-            which += " (same allocator)"
-        lines.append(f"{r['model']}: {which}  tokens/s {r['tokens_per_s']:.2f}x,  {memory} {r['memory']:.2f}x")
+        lines.append(f"{r['model']}: {_ratio_name(r)}  tokens/s {r['tokens_per_s']:.2f}x,  {memory} {r['memory']:.2f}x")
+    if result.get("ratio_medians"):
+        lines.append(f"over {result['rounds']} rounds (the columns above are the last round's):")
+        for r in result["ratio_medians"]:
+            values = ", ".join(f"{v:.2f}x" for v in r["tokens_per_s"])
+            lines.append(f"{r['model']}: {_ratio_name(r)}  tokens/s {values};  median {r['median']:.2f}x")
     lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)
+
+
+def _ratio_name(ratio):
+    """'ours / official', 'fast layer / plain core', 'plain core / official', with ' (same allocator)'."""
+    which = "ours / official" if "official" in ratio.get("theirs", "official") else "fast layer / plain core"
+    if "plain" in ratio.get("ours", ""):
+        which = "plain core / official"
+    if "same allocator" in ratio.get("theirs", ""):
+        which += " (same allocator)"
+    return which
 
 
 if __name__ == "__main__":  # a child started by run_bench

@@ -605,6 +605,8 @@ def bench(
     same_allocator: bool = typer.Option(False, "--same-allocator",
                                         help="also time the official code with our allocator setting (glibc "
                                              "keeps freed memory), beside it as its users run it"),
+    rounds: int = typer.Option(1, min=1, help="time every side this many times, round after round, and "
+                                              "report each ratio's median (a shared machine drifts)"),
 ):
     from . import bench as benchmarks, fast
 
@@ -613,7 +615,8 @@ def bench(
         steps=steps, warmup=warmup, reference_file=reference_file, reference_gpt_file=reference_gpt_file,
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
         tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True),
-        plain=plain or fast.plain_requested(), also_plain=also_plain, same_allocator=same_allocator)
+        plain=plain or fast.plain_requested(), also_plain=also_plain, same_allocator=same_allocator,
+        rounds=rounds)
     typer.echo(benchmarks.format_table(result))
 
 

@@ -271,3 +271,30 @@ def test_op_profile_rows_page_faults_and_cpu_rates():
     numbers = [v for v in rates.values() if isinstance(v, (int, float))]
     assert len(numbers) >= 7 and all(v > 0 for v in numbers)
     assert "(sysfs)" in " ".join(rates) and rates["cpu"]
+
+
+def test_rounds_interleave_the_sides_and_report_each_ratios_median(tiny_result, monkeypatch, tmp_path):
+    """--rounds 3: every side is timed once per round, in the same order each round; each ratio is
+    reported for every round with its median, and the columns are the last round's."""
+    ours = tiny_result[0]["runs"][0]
+    speeds = iter([100, 50, 120, 100, 90, 30])  # per call: ours, official, ours, official, ...
+    calls = []
+
+    def fake_child(side, job, threads, workdir, index):
+        calls.append((side, index))
+        label = "mosaic (minimosaic)" if side == "ours" else "mosaic (official torch)"
+        return dict(ours, side=side, label=label, tokens_per_s=next(speeds)), None
+    monkeypatch.setattr(bench, "_run_child", fake_child)
+    reference = tmp_path / "mosaic_model.py"
+    reference.write_text("")
+    monkeypatch.setattr(bench, "_torch_available", lambda: True)
+    result = bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=1, warmup=0,
+                             generation=False, reference_file=str(reference), rounds=3)
+    assert calls == [("ours", 0), ("reference", 1), ("ours", 2), ("reference", 3), ("ours", 4), ("reference", 5)]
+    (medians,) = result["ratio_medians"]
+    assert medians["tokens_per_s"] == [2.0, 1.2, 3.0] and medians["median"] == 2.0
+    assert result["ratios"][0]["tokens_per_s"] == 3.0 and result["runs"][0]["tokens_per_s"] == 90
+    text = bench.format_table(result)
+    assert "over 3 rounds" in text and "tokens/s 2.00x, 1.20x, 3.00x;  median 2.00x" in text
+    with pytest.raises(MinimosaicError, match="rounds >= 1"):
+        bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, rounds=0)
