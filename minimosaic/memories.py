@@ -170,20 +170,19 @@ def gated_leaky_average(x, gate, decay, initial=None):
     x, gate, decay = (ops.full_precision(a) for a in (x, gate, decay))
     xp, T = x.xp, x.shape[2]
     g, lam = gate.data[..., None], decay.data[..., None]                         # (B, H, T, 1)
+    start = xp.zeros(x.shape[:2] + (1,) + x.shape[3:], x.dtype) if initial is None else initial  # kbar_{-1}
     kbar = xp.empty(x.shape, x.dtype)
-    before = xp.zeros(x.shape, x.dtype)                                          # kbar_{t-1}, for the backward
-    if initial is not None:
-        before[:, :, 0] = initial[:, :, 0]
+    previous = start[:, :, 0]
     for t in range(T):
-        kbar[:, :, t] = g[:, :, t] * x.data[:, :, t] + lam[:, :, t] * before[:, :, t]
-        if t + 1 < T:
-            before[:, :, t + 1] = kbar[:, :, t]
+        kbar[:, :, t] = g[:, :, t] * x.data[:, :, t] + lam[:, :, t] * previous
+        previous = kbar[:, :, t]
 
     def backward(grad):
         a = xp.empty(grad.shape, grad.dtype)
         a[:, :, T - 1] = grad[:, :, T - 1]
         for t in range(T - 2, -1, -1):
             a[:, :, t] = grad[:, :, t] + lam[:, :, t + 1] * a[:, :, t + 1]
+        before = xp.concatenate([start.astype(x.dtype), kbar[:, :, :-1]], axis=2)  # kbar_{t-1}
         return a * g, (a * x.data).sum(axis=-1), (a * before).sum(axis=-1)
     return make_result(kbar, (x, gate, decay), backward)
 

@@ -268,12 +268,9 @@ class MosaicBlock(nn.Module):
         self.levels = ("long_term", "short_term") if config.memory_levels == 3 else ("context",)
 
     def forward(self, x, cache=None):
-        if len(self.levels) == 1:
-            x = x + self.dropout(self.context(self.ln_1(x), _sub(cache, "context")))
-        else:
-            h = self.ln_1(x)
-            x = (x + self.dropout(self.long_term(h, _sub(cache, "long_term")))
-                 + self.dropout(self.short_term(h, _sub(cache, "short_term"))))
+        h = self.ln_1(x)                                  # every context level reads the same LN(x)
+        for name in self.levels:
+            x = x + self.dropout(getattr(self, name)(h, _sub(cache, name)))
         return x + self.dropout(self.persistent(self.ln_2(x), _sub(cache, "persistent")))
 
 
@@ -315,19 +312,18 @@ class MemoryMosaic(LanguageModel):
             T = ids.shape[1]
             for block in self.blocks:
                 h = block.ln_1(x)
-                layer, levels, added = {}, {}, 0
+                layer, levels = {}, {}
                 for name in block.levels:
                     memory = getattr(block, name)
                     layer[name] = backend.asnumpy(memory.kernel_weights(h))
                     y = memory(h)
                     levels[name] = _norm(y)
-                    added = added + y
+                    x = x + y
                     if memory.bandwidth is not None:
                         layer.setdefault("bandwidth", {})[name] = backend.asnumpy(memory.bandwidths(T))
                     if memory.key.gated:
                         layer.setdefault("gates", {})[name] = tuple(backend.asnumpy(g.data)
                                                                     for g in memory.key.gates(h))
-                x = x + added
                 h = block.ln_2(x)
                 layer["persistent"] = backend.asnumpy(block.persistent.kernel_weights(h))
                 y = block.persistent(h)
