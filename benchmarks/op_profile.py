@@ -24,7 +24,6 @@ import argparse
 import collections
 import functools
 import json
-import platform
 import resource
 import sys
 import time
@@ -150,18 +149,6 @@ def profile(preset, device, model_name, steps, warmup, overrides=None, plain=Fal
                       for name, (t, n) in stats.items()})
 
 
-def cpu_model():
-    """The CPU's model name, as lscpu prints it (from /proc/cpuinfo), or platform's guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def best_seconds(fn, repeats=20):
     fn()
     best = float("inf")
@@ -183,13 +170,11 @@ def cpu_rates(preset, overrides=None):
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((rows, hs), np.float32), rng.standard_normal((keys, hs), np.float32)
     scores, out = q @ k.T, np.empty((rows, keys), np.float32)
-    n = 2048
-    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     with cpu.blas_threads(1):
-        peak = 2 * n ** 3 / best_seconds(lambda: a @ b, 3) / 1e9
+        peak = bench.matmul_peak_gflops(np.matmul, bench._random_matrix, lambda: None, 2048, repeats=3)
         tile = 2 * rows * hs * keys / best_seconds(lambda: np.matmul(q, k.T, out=out)) / 1e9
     per_number = 1e9 / scores.size
-    return {"cpu": cpu_model(), "L2 bytes (sysfs)": cpu.l2_cache_bytes(),
+    return {"cpu": bench.cpu_model(), "L2 bytes (sysfs)": cpu.l2_cache_bytes(),
             "tile scores / block numbers": f"{fast_ops.TILE_SCORES} / {cpu.BLOCK_ELEMENTS}",
             "matmul peak, 1 thread (GFLOP/s)": round(peak, 1),
             f"tile product ({rows} x {hs}) @ ({hs} x {keys}), 1 thread (GFLOP/s)": round(tile, 1),

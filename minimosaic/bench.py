@@ -469,17 +469,20 @@ def _torch_available():
     return importlib.util.find_spec("torch") is not None
 
 
-def _machine(device, threads):
-    cpu = platform.processor() or platform.machine()
+def cpu_model():
+    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), else platform's guess."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device, threads):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # others' work skews timings
-    return dict(device=backend.normalize_device(device), cpu=cpu, cores=os.cpu_count(), threads=threads,
+    return dict(device=backend.normalize_device(device), cpu=cpu_model(), cores=os.cpu_count(), threads=threads,
                 load_average=load, python=platform.python_version(), numpy=np.__version__)
 
 
@@ -500,8 +503,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     `rounds` > 1 times every side that many times, round after round (each round runs every side once),
     and reports each ratio's value in every round and its median (`ratio_medians`); `runs` and `ratios`
     are then the last round's. A shared machine drifts over minutes, and interleaved rounds let the
-    drift hit both sides alike. `progress(line)` is called before each child starts. With `json_path` the result is also written
-    there. A missing torch skips the reference with a note; a reference that fails to run is reported
+    drift hit both sides alike. `progress(line)` is called before each child starts. With `json_path`
+    the result is also written there. A missing torch skips the reference with a note; a reference that fails to run is reported
     in `notes` too, so our own numbers still come back.
     """
     device = backend.normalize_device(device)

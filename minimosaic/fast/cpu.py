@@ -93,20 +93,24 @@ def set_cpu_workers(n=None):
     _workers = None if n is None else (max(1, int(n)) if _openblas_controls() else 1)
 
 
+def set_blas_threads(n):
+    """OpenBLAS uses n threads from now on (where its thread control was found)."""
+    controls = _openblas_controls()
+    if controls:
+        controls[1](n)
+
+
 @contextlib.contextmanager
 def blas_threads(n):
     """Inside, OpenBLAS uses n threads (where its thread control was found); afterwards, as before."""
     controls = _openblas_controls()
-    if controls is None:
-        yield
-        return
-    get, put = controls
-    before = get()
-    put(n)
+    before = controls[0]() if controls else None
+    set_blas_threads(n)
     try:
         yield
     finally:
-        put(before)
+        if before is not None:
+            set_blas_threads(before)
 
 
 def parallel_tiles(body, count, workers):

@@ -338,9 +338,7 @@ def share_cores(local_size):
     from . import cpu
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // local_size)
-    controls = cpu._openblas_controls()
-    if controls:
-        controls[1](threads)
+    cpu.set_blas_threads(threads)
     cpu.set_cpu_workers(threads)
 
 

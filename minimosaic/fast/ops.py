@@ -82,7 +82,7 @@ def gelu(a):
     q = Phi(-|x|) = poly(s) exp(-x^2 / 2) / 2 (Abramowitz & Stegun 7.1.26 for erfc, absolute error
     < 1.5e-7: float32's rounding), and Phi(x) = 1/2 + sign(x) (1/2 - q). The sign is copied as a bit
     (NumPy's copysign is not vectorised: ~5x slower than two integer passes). Kept for the backward:
-    Phi(x) - 1/2 and exp(-x^2 / 2), so dx = g (Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi)) is four passes.
+    Phi(x) - 1/2 and exp(-x^2 / 2), so dx = g (Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi)) is five passes.
     float64 inputs get the exact plain op.
     """
     x = a.data
