@@ -142,3 +142,15 @@ def assert_user_error(result, *fragments):
     assert "Traceback" not in out + err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def stepwise_logits(model, ids, split):
+    """(logits at each position from a generation cache: the first `split` tokens at once, then one by
+    one, as a NumPy array; the cache afterwards)."""
+    from minimosaic import backend
+    from minimosaic.tensor import no_grad
+    cache = model.new_cache()
+    with no_grad():
+        rows = [model(ids[None, :split], cache).data[0]]
+        rows += [model(ids[None, t:t + 1], cache).data[0] for t in range(split, len(ids))]
+    return np.concatenate([backend.asnumpy(r) for r in rows]), cache

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import gpu_only
+from conftest import gpu_only, stepwise_logits
 
 from minimosaic import backend, nn, optim
 from minimosaic.errors import MinimosaicError
@@ -153,13 +153,6 @@ def test_changing_a_token_changes_no_earlier_logits(rng, kind, changes, length):
 
 
 # ---------------------------------------------------------------- generation
-def stepwise_logits(model, ids, split):
-    """Logits at each position from a cache: the first `split` tokens at once, then one by one."""
-    cache = model.new_cache()
-    with no_grad():
-        rows = [model(ids[None, :split], cache).data[0]]
-        rows += [model(ids[None, t:t + 1], cache).data[0] for t in range(split, len(ids))]
-    return np.concatenate([backend.asnumpy(r) for r in rows])
 
 
 @pytest.mark.parametrize("kind", ["mosaic", "gpt"])
@@ -169,7 +162,7 @@ def test_cached_logits_equal_full_recomputation(rng, kind):
     ids = random_ids(rng, length)
     full = model(ids[None]).data[0]
     for split in (1, 5):
-        np.testing.assert_allclose(stepwise_logits(model, ids, split), full, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(stepwise_logits(model, ids, split)[0], full, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["mosaic", "gpt"])
@@ -247,7 +240,7 @@ def test_nope_gpt_cached_generation_equals_the_full_pass_past_block_size(rng):
     ids = random_ids(rng, 20)  # longer than block_size (12): nothing is cropped
     full = model(ids[None]).data[0]
     for split in (1, 5):
-        np.testing.assert_allclose(stepwise_logits(model, ids, split), full, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(stepwise_logits(model, ids, split)[0], full, rtol=1e-10, atol=1e-12)
     prompt = random_ids(rng, 4)
     cached = model.generate(prompt, 14, temperature=1.0, seed=3)
     np.testing.assert_array_equal(cached, model.generate(prompt, 14, temperature=1.0, seed=3, use_cache=False))
@@ -342,7 +335,7 @@ def test_models_on_the_gpu_match_the_cpu(rng, kind):
     np.testing.assert_array_equal(cached, gpu.generate(prompt, 15, seed=1, use_cache=False))
     np.testing.assert_array_equal(cached, cpu.generate(prompt, 15, seed=1))
     text = random_ids(rng, 12)
-    np.testing.assert_allclose(stepwise_logits(gpu, text, 4), backend.asnumpy(gpu(text[None]).data[0]),
+    np.testing.assert_allclose(stepwise_logits(gpu, text, 4)[0], backend.asnumpy(gpu(text[None]).data[0]),
                                rtol=1e-10, atol=1e-12)
     assert isinstance(gpu.inspect(ids[:1])[0]["context"], np.ndarray)
 

@@ -5,7 +5,7 @@ against their definitions, and for every option: float64 gradient checks, causal
 equal to the full forward pass, the fast layer equal to the plain core, and the command line."""
 import numpy as np
 import pytest
-from conftest import assert_user_error, grads_of, invoke, rand_tensor
+from conftest import assert_user_error, grads_of, invoke, rand_tensor, stepwise_logits
 
 from minimosaic import nn, ops
 from minimosaic import memories as mm
@@ -235,14 +235,6 @@ def test_changing_a_token_changes_no_earlier_logits(rng, option):
             a, b = model(ids).data, model(changed).data
             np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-12)
             assert not np.allclose(a[:, t + k], b[:, t + k])
-
-
-def stepwise_logits(model, ids, split):
-    cache = model.new_cache()
-    with no_grad():
-        rows = [model(ids[None, :split], cache).data[0]]
-        rows += [model(ids[None, t:t + 1], cache).data[0] for t in range(split, len(ids))]
-    return np.concatenate(rows), cache
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
