@@ -253,13 +253,19 @@ def test_the_table_names_the_same_allocator_ratio(tiny_result):
     assert "mosaic: ours / official (same allocator)  tokens/s 1.00x" in text
 
 
+def load_benchmark(name):
+    """The script benchmarks/<name>.py as a module."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_op_profile_rows_page_faults_and_cpu_rates():
     """benchmarks/op_profile.py on a tiny mosaic: every memory op has a row, the rows add up to no more
     than the synchronised step, and --cpu-rates reports positive rates for this CPU."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "op_profile.py"
-    spec = importlib.util.spec_from_file_location("op_profile", path)
-    op_profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(op_profile)
+    op_profile = load_benchmark("op_profile")
     overrides = {k: v for k, v in TINY.items() if k not in ("pmem_count", "dropout", "bias")}
     result = op_profile.profile("char-small", "cpu", "mosaic", steps=1, warmup=1, overrides=overrides)
     rows = result["rows"]
@@ -298,3 +304,31 @@ def test_rounds_interleave_the_sides_and_report_each_ratios_median(tiny_result, 
     assert "over 3 rounds" in text and "tokens/s 2.00x, 1.20x, 3.00x;  median 2.00x" in text
     with pytest.raises(MinimosaicError, match="rounds >= 1"):
         bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, rounds=0)
+
+
+def test_tile_sweep_times_every_size_and_each_gives_the_rules_results(monkeypatch):
+    """benchmarks/tile_sweep.py with sizes small enough that a tiny model's attention and elementwise
+    passes are cut into many tiles and blocks on 2 workers: every case is timed at every multiple of the
+    rule's size, the rule's size is restored afterwards, and cutting the work differently changes the
+    results by float32 rounding only."""
+    from minimosaic import fast
+    from minimosaic.fast import cpu, ops as fast_ops
+    tile_sweep = load_benchmark("tile_sweep")
+    for module, name, value in ((fast_ops, "TILE_SCORES", 64), (fast_ops, "SMALL_ATTENTION", 0),
+                                (cpu, "BLOCK_ELEMENTS", 64), (cpu, "ELEMENTWISE_MIN", 1)):
+        monkeypatch.setattr(module, name, value)
+    overrides = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=3, pmem_size=24)
+    cpu.set_cpu_workers(2)
+    try:
+        with fast.enabled():
+            results = tile_sweep.sweep("char-small", repeats=1, overrides=overrides)
+    finally:
+        cpu.set_cpu_workers(None)
+    assert [r["name"].split(" (")[0] for r in results] == ["persistent memory attention",
+                                                         "context memory attention", "layer norm", "GELU"]
+    for r in results:
+        assert r["rule"] == 64 and r["rule"] in r["sizes"] and len(r["sizes"]) == len(tile_sweep.FACTORS)
+        assert all(0 < s < float("inf") for s in r["seconds"])
+        assert r["max_difference"] < 1e-5, r["name"]
+    assert fast_ops.TILE_SCORES == 64 and cpu.BLOCK_ELEMENTS == 64
+    assert "best / rule's" in tile_sweep.table(results)

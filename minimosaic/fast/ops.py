@@ -329,15 +329,17 @@ def _dense_attention(q, k, v, mask, scale):
 
 
 def _tiles(batch, Tq, Tk, mask):
-    """[(b0, b1, r0, r1, kend)]: blocks of batch slices and query rows holding about TILE_SCORES scores,
-    each with all the keys its rows may use ([:kend]: causal rows skip the future). With a mask, rows
-    come in at least 4 chunks so the upper triangle is mostly skipped."""
+    """[(b0, b1, r0, r1, kend)], by batch slice then rows: blocks of batch slices and query rows holding
+    about TILE_SCORES scores, each with all the keys its rows may use ([:kend]: causal rows skip the
+    future). With a mask, rows come in at least 4 chunks so the upper triangle is mostly skipped. There
+    are at least two batch slices per worker where the batch allows, since the backward hands out whole
+    slices: a core slowed by another process then takes fewer."""
     if mask is None:
         last = np.full(Tq, Tk)
     else:
         last = np.where(mask.any(axis=1), Tk - mask[:, ::-1].argmax(axis=1), 0)   # (Tq,) keys used
     rows = max(1, min(Tq, TILE_SCORES // Tk, Tq if mask is None else -(-Tq // 4)))
-    group = max(1, min(batch, TILE_SCORES // (rows * Tk)))
+    group = max(1, min(-(-batch // (2 * cpu.cpu_workers())), TILE_SCORES // (rows * Tk)))
     return [(b0, min(b0 + group, batch), r0, min(r0 + rows, Tq), int(last[r0:r0 + rows].max()))
             for b0 in range(0, batch, group) for r0 in range(0, Tq, rows)]
 
@@ -384,47 +386,50 @@ def _tiled_attention(q, k, v, mask, scale):
 
     cpu.parallel_tiles(forward_tile, len(tiles), workers)
 
-    row_starts = sorted({r0 for _, _, r0, _, _ in tiles})
-    part_of = {r0: i for i, r0 in enumerate(row_starts)}
+    groups = {}                                 # the tiles of each batch slice, in order of rows
+    for tile in tiles:
+        groups.setdefault(tile[:2], []).append(tile)
+    groups = list(groups.values())
 
     def backward(g):
         g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
         dq = np.zeros_like(qs)
-        # Blocks of rows share keys: each block of rows adds into its own accumulator, summed in a fixed
-        # order at the end, so the result does not depend on which thread ran which tile (bitwise the
-        # same for any number of threads, and from one run to the next).
-        dk = np.zeros((len(row_starts),) + kf.shape, q.dtype)
-        dvs = np.zeros((len(row_starts),) + vf.shape, q.dtype)
+        # The row blocks of a batch slice share its keys: one thread runs them in order of rows and adds
+        # each block's share into dk and dv, so the sums do not depend on which thread ran which slice
+        # (bitwise the same for any number of threads, and from one run to the next), and no block needs
+        # an accumulator of its own.
+        dk, dvs = np.zeros_like(kf), np.zeros_like(vf)
         # -lse rides along as one more column of the queries, against a column of ones on the keys:
         # the product then gives s - lse directly, one pass over each tile of scores fewer.
         q_lse = np.concatenate([qs, -lse], axis=-1)
         k_one = np.concatenate([kf, np.ones(kf.shape[:-1] + (1,), q.dtype)], axis=-1)
 
-        def backward_tile(worker, i):
-            b0, b1, r0, r1, kend = tiles[i]
+        def backward_tile(b0, b1, r0, r1, kend):
             if kend == 0:
                 return
             p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
             if bias is not None:
                 p += bias[r0:r1, :kend]
             np.exp2(p, out=p)                                                    # P, (G, rows, kend)
-            part = part_of[r0]
-            dvs[part, b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
+            dvs[b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
             ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
             ds -= np.einsum("gij,gij->gi", ds, p)[..., None]                     # dP - rowsum(dP * P)
             ds *= p                                                              # dS / scale
             dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
-            dk[part, b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
+            dk[b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
 
-        cpu.parallel_tiles(backward_tile, len(tiles), workers)
+        def backward_group(worker, i):
+            for tile in groups[i]:
+                backward_tile(*tile)
+
+        cpu.parallel_tiles(backward_group, len(groups), workers)
         if scale != 1.0:
             dq *= q.dtype.type(scale)
-        dk_sum = dk.sum(axis=0)
-        dk_sum *= q.dtype.type(1 / LOG2_E)                                       # (qs carries log2 e)
+        dk *= q.dtype.type(1 / LOG2_E)                                           # (qs carries log2 e)
 
         def shape(a, n):
             return a.reshape(batch + (n, a.shape[-1]))
-        return shape(dq, Tq), shape(dk_sum, Tk), shape(dvs.sum(axis=0), Tk)
+        return shape(dq, Tq), shape(dk, Tk), shape(dvs, Tk)
     return make_result(y.reshape(batch + (Tq, dv)), (q, k, v), backward)
 
 
