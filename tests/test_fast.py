@@ -285,9 +285,13 @@ def test_malloc_settings_apply_on_glibc_and_can_be_switched_off(monkeypatch):
         assert cpu.keep_freed_memory() is False
 
 
-def test_tiled_attention_gradients_are_bitwise_the_same_for_any_number_of_threads(rng, small_blocks):
-    """Blocks of rows add into accumulators of their own, summed in a fixed order: the result does not
-    depend on which thread ran which tile (it used to, by ~1e-7 in float32, from run to run)."""
+@pytest.mark.parametrize("tile_scores", [24, 4000], ids=["one-row-tiles", "slices-by-workers"])
+def test_tiled_attention_gradients_are_bitwise_the_same_for_any_number_of_threads(rng, small_blocks, monkeypatch,
+                                                                                    tile_scores):
+    """One thread runs a batch slice's row blocks in order of rows and adds into dk and dv: the result
+    does not depend on which thread ran which slice (it used to, by ~1e-7 in float32, from run to run),
+    nor on how many batch entries a slice holds (with 4000-score tiles, 3 on 1 worker and 2 on 2)."""
+    monkeypatch.setattr(fast_ops, "TILE_SCORES", tile_scores)
     q, v = rand_tensor((3, 2, 40, 8), rng=rng, dtype=np.float32), rand_tensor((3, 2, 40, 8), rng=rng, dtype=np.float32)
     mask = np.tri(40, 40, -1, dtype=bool)
     results = []
