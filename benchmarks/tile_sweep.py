@@ -11,8 +11,8 @@ default threads, forward + backward of the persistent memory's and the context m
 layer norm and GELU at 1/8 to 4 times the size the rule gives, each size once per round over `--repeats`
 rounds (so that drift falls on every size alike), and prints the best time of each against the rule's.
 It checks that every size gives the rule's results (to float32 rounding), since the sizes change only
-how the work is cut. If another size wins by more than the noise on your CPU, the rule is the place to
-change (fast.cpu.l2_cache_bytes's users); please report the table with your `lscpu` model.
+how the work is cut. If another size wins by more than the noise on your CPU, the rule (where the two
+constants are set) is the place to change; please report the table with your `lscpu` model.
 """
 import argparse
 import sys
