@@ -52,15 +52,15 @@ def cases(preset, overrides=None):
 
     hs = C // H
     q, k, v = leaf(B, H, T, hs), leaf(B, H, T, hs), leaf(B, H, T, hs)
-    pk, pv = leaf(1, H, P, hs), leaf(1, H, P, hs)
+    pq, pk, pv = leaf(H, B * T, hs), leaf(1, H, P, hs), leaf(1, H, P, hs)   # as PersistentMemory: rows B*T
     strict = memories.causal_mask(np, T, 0, include_present=False)        # the context memory's: s < t
     x, w, b = leaf(B, T, C), leaf(C), leaf(C)
     wide = leaf(B, T, 4 * C)
     scale = 1 / np.sqrt(hs)
     return {
-        f"persistent memory attention ({B}x{H}, {T} x {P}, d {hs})":
-            (fast_ops, "TILE_SCORES", run(lambda: memories.softmax_attention(q, pk, pv, scale=scale),
-                                          (q, pk, pv), (B, H, T, hs))),
+        f"persistent memory attention ({H}, {B * T} x {P}, d {hs})":
+            (fast_ops, "TILE_SCORES", run(lambda: memories.softmax_attention(pq, pk, pv, scale=scale),
+                                          (pq, pk, pv), (1, H, B * T, hs))),
         f"context memory attention ({B}x{H}, {T} x {T} causal, d {hs})":
             (fast_ops, "TILE_SCORES", run(lambda: memories.softmax_attention(q, k, v, strict, scale),
                                           (q, k, v), (B, H, T, hs))),

@@ -32,6 +32,7 @@ LEAKY_CHUNK = 16            # positions per chunk of the CPU scan: on 2 EPYC cor
 TILE_SCORES = cpu.l2_cache_bytes() // 4   # scores per attention tile: a core's L2 cache in float32
 LOG2_E = 1 / math.log(2)
 SMALL_ATTENTION = 1 << 15   # scores below which the plain attention is faster (a generated token's)
+ROW_BLOCKS_PER_TASK = 4     # row blocks one thread runs in a row in the attention's backward (see _tiled_attention)
 STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
 capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
 
@@ -332,8 +333,8 @@ def _tiles(batch, Tq, Tk, mask):
     """[(b0, b1, r0, r1, kend)], by batch slice then rows: blocks of batch slices and query rows holding
     about TILE_SCORES scores, each with all the keys its rows may use ([:kend]: causal rows skip the
     future). With a mask, rows come in at least 4 chunks so the upper triangle is mostly skipped. There
-    are at least two batch slices per worker where the batch allows, since the backward hands out whole
-    slices: a core slowed by another process then takes fewer."""
+    are at least two batch slices per worker where the batch allows, so that a core slowed by another
+    process takes fewer."""
     if mask is None:
         last = np.full(Tq, Tk)
     else:
@@ -386,43 +387,52 @@ def _tiled_attention(q, k, v, mask, scale):
 
     cpu.parallel_tiles(forward_tile, len(tiles), workers)
 
-    groups = {}                                 # the tiles of each batch slice, in order of rows
+    # The backward's tasks: runs of up to ROW_BLOCKS_PER_TASK row blocks of one batch slice, in order of
+    # rows. Row blocks of a slice share its keys, so each task sums its blocks' dk and dv in buffers of its
+    # own, added up in a fixed order at the end: the result does not depend on which thread ran which
+    # task (bitwise the same for any number of threads, and from one run to the next).
+    slices = {}
     for tile in tiles:
-        groups.setdefault(tile[:2], []).append(tile)
-    groups = list(groups.values())
+        slices.setdefault(tile[:2], []).append(tile)
+    tasks = [run[i:i + ROW_BLOCKS_PER_TASK] for run in slices.values()
+             for i in range(0, len(run), ROW_BLOCKS_PER_TASK)]
 
     def backward(g):
         g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
         dq = np.zeros_like(qs)
-        # The row blocks of a batch slice share its keys: one thread runs them in order of rows and adds
-        # each block's share into dk and dv, so the sums do not depend on which thread ran which slice
-        # (bitwise the same for any number of threads, and from one run to the next), and no block needs
-        # an accumulator of its own.
-        dk, dvs = np.zeros_like(kf), np.zeros_like(vf)
         # -lse rides along as one more column of the queries, against a column of ones on the keys:
         # the product then gives s - lse directly, one pass over each tile of scores fewer.
         q_lse = np.concatenate([qs, -lse], axis=-1)
         k_one = np.concatenate([kf, np.ones(kf.shape[:-1] + (1,), q.dtype)], axis=-1)
+        sums = [None] * len(tasks)                                               # each task's (dk, dv)
 
-        def backward_tile(b0, b1, r0, r1, kend):
+        def backward_tile(b0, b1, r0, r1, kend, dk, dvs):
             if kend == 0:
                 return
             p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
             if bias is not None:
                 p += bias[r0:r1, :kend]
             np.exp2(p, out=p)                                                    # P, (G, rows, kend)
-            dvs[b0:b1, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
+            dvs[:, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
             ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
             ds -= np.einsum("gij,gij->gi", ds, p)[..., None]                     # dP - rowsum(dP * P)
             ds *= p                                                              # dS / scale
             dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
-            dk[b0:b1, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
+            dk[:, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
 
-        def backward_group(worker, i):
-            for tile in groups[i]:
-                backward_tile(*tile)
+        def backward_task(worker, i):
+            b0, b1 = tasks[i][0][:2]
+            dk, dvs = np.zeros((b1 - b0,) + kf.shape[1:], q.dtype), np.zeros((b1 - b0,) + vf.shape[1:], q.dtype)
+            for tile in tasks[i]:
+                backward_tile(*tile, dk, dvs)
+            sums[i] = dk, dvs
 
-        cpu.parallel_tiles(backward_group, len(groups), workers)
+        cpu.parallel_tiles(backward_task, len(tasks), workers)
+        dk, dvs = np.zeros_like(kf), np.zeros_like(vf)
+        for task, (dk_task, dv_task) in zip(tasks, sums):
+            b0, b1 = task[0][:2]
+            dk[b0:b1] += dk_task
+            dvs[b0:b1] += dv_task
         if scale != 1.0:
             dq *= q.dtype.type(scale)
         dk *= q.dtype.type(1 / LOG2_E)                                           # (qs carries log2 e)
