@@ -8,7 +8,7 @@ training step (forward + cross entropy + backward + AdamW) on random token ids, 
                  beside it the median process CPU time per step (steadier on a busy machine)
   tokens/s       batch_size * block_size / median step time
   GFLOP/s        model FLOPs per step (`train_step_flops`, counted analytically) / median step time,
-                 and its fraction of a float32 matmul peak measured in the same child
+                 and its fraction of a float32 matmul peak: the best its side's children measured
   memory         peak RSS of the child (CPU), or the GPU memory high-water (GPU)
   generation     tokens/s of model.generate with and without the incremental cache
 
@@ -556,6 +556,7 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     notes = list(dict.fromkeys(notes))  # a side failing every round is said once
     if not any(every_round):
         raise MinimosaicError(f"every benchmark failed: {'; '.join(notes)}")
+    _use_best_peaks([run for runs in every_round for run in runs])
     runs = every_round[-1]
     result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup, tf32=common["tf32"],
                   machine=_machine(device, threads), runs=runs, ratios=_ratios(runs), notes=notes)
@@ -564,6 +565,19 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _use_best_peaks(runs):
+    """Each run's "% of matmul peak" against the best peak that any run of its side measured in this
+    bench (ours: NumPy or CuPy; the reference: torch). Each child measures its own peak once, in about
+    half a second after its steps, so one disturbed measurement on a shared machine would read as a low
+    peak and a high fraction. The child's own measurement stays in `own_peak_gflops`."""
+    for side in {r["side"] for r in runs}:
+        same = [r for r in runs if r["side"] == side]
+        best = max(r["peak_gflops"] for r in same)
+        for r in same:
+            r.setdefault("own_peak_gflops", r["peak_gflops"])
+            r.update(peak_gflops=best, peak_fraction=r["gflops"] / best)
 
 
 def _ratios(runs):

@@ -128,6 +128,21 @@ def test_run_bench_measures_both_models_in_children(tiny_result):
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
 
 
+def test_each_side_is_measured_against_the_best_matmul_peak_its_processes_saw(tiny_result):
+    """One child's peak measured while the machine was disturbed must not inflate its "% of peak": every
+    run of a side is compared with the best peak of that side's runs, and keeps its own measurement."""
+    result, _ = tiny_result
+    for run in result["runs"]:
+        assert run["peak_gflops"] == max(r["own_peak_gflops"] for r in result["runs"])
+        assert run["peak_fraction"] == pytest.approx(run["gflops"] / run["peak_gflops"])
+    runs = [dict(side="ours", gflops=50.0, peak_gflops=100.0), dict(side="ours", gflops=60.0, peak_gflops=200.0),
+            dict(side="reference", gflops=40.0, peak_gflops=80.0)]
+    bench._use_best_peaks(runs)
+    assert [r["peak_fraction"] for r in runs] == [0.25, 0.3, 0.5]
+    assert [r["own_peak_gflops"] for r in runs] == [100.0, 200.0, 80.0]
+    assert [r["peak_gflops"] for r in runs] == [200.0, 200.0, 80.0]
+
+
 def test_format_table_shows_every_run_and_ratio(tiny_result):
     result = dict(tiny_result[0])
     ours = result["runs"][0]
