@@ -170,7 +170,8 @@ def table(rows):
         share = f"{100 * r['allreduce_share']:.1f} %" if r["allreduce_share"] is not None else "-"
         out.append(f"| {r['preset']} | {r['model']} | {r['side']} | {t['1x1']:,.0f} | {t['1x2']:,.0f} | "
                    f"{t['2x1']:,.0f} | {100 * r['efficiency']:.0f} % | {100 * r['compute_scaling']:.0f} % | "
-                   f"{100 * r['sharing']:.0f} % | {100 * r['communication']:.0f} % | {r['vs_1x2']:.2f}x | {mib} | {share} |")
+                   f"{100 * r['sharing']:.0f} % | {100 * r['communication']:.0f} % | {r['vs_1x2']:.2f}x | "
+                   f"{mib} | {share} |")
     return "\n".join(out)
 
 

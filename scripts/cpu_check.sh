@@ -9,8 +9,9 @@
 #   core beside the fast layer), tok-small and char-medium, and, where mpiexec is found, data_parallel.py.
 # quick (about 3 minutes): the same stages on a few steps, to see that they run.
 # Needs (git-ignored, never committed): mosaic_model.py and gpt_model.py, the official code, in reference/
-# (or in the folder CPU_CHECK_REFERENCE names) for the official columns; without them, our side alone. Run it on an otherwise idle machine: the
-# load average is printed with every table. Logs are kept in OUT_DIR (default /tmp/cpu_check_out).
+# (or in the folder CPU_CHECK_REFERENCE names) for the official columns; without them, our side alone.
+# Run it on an otherwise idle machine: the load average is printed with every table. Logs and JSON are
+# kept in OUT_DIR (default /tmp/cpu_check_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-full}"
@@ -30,7 +31,8 @@ stage() {  # stage NAME COMMAND...: log to $out/NAME.txt and show its end
 
 { date -u '+%Y-%m-%d %H:%M UTC'
   lscpu | grep -E '^(Model name|Vendor ID|CPU\(s\)|L2 cache|L3 cache|Flags)' | cut -c1-160
-  $py -c "import numpy; print('numpy', numpy.__version__); numpy.show_config()" 2>&1 | grep -iE "^numpy|name:|openblas|mkl" | head -6
+  $py -c "import numpy; print('numpy', numpy.__version__); numpy.show_config()" 2>&1 |
+    grep -iE "^numpy|name:|openblas|mkl" | head -6
   $py -c "import torch; print('torch', torch.__version__)" 2>/dev/null
 } 2>&1 | tee "$out/machine.txt"
 
