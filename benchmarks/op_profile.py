@@ -149,16 +149,6 @@ def profile(preset, device, model_name, steps, warmup, overrides=None, plain=Fal
                       for name, (t, n) in stats.items()})
 
 
-def best_seconds(fn, repeats=20):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def cpu_rates(preset, overrides=None):
     """What this CPU does with the step's building blocks, on one thread (as each of the pool's threads
     works): {name: value}. The tile is the persistent memory's: TILE_SCORES scores, rows x pmem_size."""
@@ -167,6 +157,7 @@ def cpu_rates(preset, overrides=None):
     s = bench.resolve_settings(preset, overrides)
     hs, keys = s["n_embd"] // s["n_head"], s["pmem_size"]
     rows = max(1, fast_ops.TILE_SCORES // keys)
+    best_seconds = functools.partial(bench.best_seconds, repeats=20)
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal((rows, hs), np.float32), rng.standard_normal((keys, hs), np.float32)
     scores, out = q @ k.T, np.empty((rows, keys), np.float32)

@@ -223,18 +223,24 @@ def _summary(times, tokens_per_step, flops):
                 gflops=flops / (median / 1000) / 1e9)
 
 
-def matmul_peak_gflops(matmul, make, sync, n, repeats=5):
-    """Best-of-`repeats` GFLOP/s of an (n, n) @ (n, n) float32 matmul (2 n^3 FLOPs)."""
-    a, b = make(n), make(n)
-    matmul(a, b)
+def best_seconds(fn, repeats=5, sync=lambda: None):
+    """The shortest wall time of `repeats` calls of fn(), after one untimed call; sync() waits for the
+    device after each call."""
+    fn()
     sync()
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        matmul(a, b)
+        fn()
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_peak_gflops(matmul, make, sync, n, repeats=5):
+    """Best-of-`repeats` GFLOP/s of an (n, n) @ (n, n) float32 matmul (2 n^3 FLOPs)."""
+    a, b = make(n), make(n)
+    return 2 * n**3 / best_seconds(lambda: matmul(a, b), repeats, sync) / 1e9
 
 
 def time_steps(step, sync, steps, warmup):
@@ -504,8 +510,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     and reports each ratio's value in every round and its median (`ratio_medians`); `runs` and `ratios`
     are then the last round's. A shared machine drifts over minutes, and interleaved rounds let the
     drift hit both sides alike. `progress(line)` is called before each child starts. With `json_path`
-    the result is also written there. A missing torch skips the reference with a note; a reference that fails to run is reported
-    in `notes` too, so our own numbers still come back.
+    the result is also written there. A missing torch skips the reference with a note; a reference that
+    fails to run is reported in `notes` too, so our own numbers still come back.
     """
     device = backend.normalize_device(device)
     if steps < 1 or warmup < 0 or rounds < 1:
@@ -576,8 +582,7 @@ def _use_best_peaks(runs):
         same = [r for r in runs if r["side"] == side]
         best = max(r["peak_gflops"] for r in same)
         for r in same:
-            r.setdefault("own_peak_gflops", r["peak_gflops"])
-            r.update(peak_gflops=best, peak_fraction=r["gflops"] / best)
+            r.update(own_peak_gflops=r["peak_gflops"], peak_gflops=best, peak_fraction=r["gflops"] / best)
 
 
 def _ratios(runs):

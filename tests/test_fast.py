@@ -210,10 +210,11 @@ def test_attention_with_dropout_or_few_scores_is_left_to_the_plain_core(rng):
     assert fast_ops.softmax_attention(big, big, big, None, 1.0) is not NotImplemented
 
 
-def test_tiles_cover_every_row_and_skip_future_keys():
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_tiles_cover_every_row_and_skip_future_keys(workers):
     mask = np.tri(16, 16, -1, dtype=bool)
     covered = np.zeros((6, 16), int)
-    for b0, b1, r0, r1, kend in fast_ops._tiles(6, 16, 16, mask):
+    for b0, b1, r0, r1, kend in fast_ops._tiles(6, 16, 16, mask, workers):
         covered[b0:b1, r0:r1] += 1
         assert kend == (r1 - 1 if r1 > 1 else 0)         # strictly past keys of the block's last row
     assert np.all(covered == 1)

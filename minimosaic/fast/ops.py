@@ -329,18 +329,18 @@ def _dense_attention(q, k, v, mask, scale):
     return make_result(y, (q, k, v), backward)
 
 
-def _tiles(batch, Tq, Tk, mask):
+def _tiles(batch, Tq, Tk, mask, workers):
     """[(b0, b1, r0, r1, kend)], by batch slice then rows: blocks of batch slices and query rows holding
     about TILE_SCORES scores, each with all the keys its rows may use ([:kend]: causal rows skip the
     future). With a mask, rows come in at least 4 chunks so the upper triangle is mostly skipped. There
-    are at least two batch slices per worker where the batch allows, so that a core slowed by another
-    process takes fewer."""
+    are at least two batch slices for each of the `workers` threads where the batch allows, so that a core
+    slowed by another process takes fewer."""
     if mask is None:
         last = np.full(Tq, Tk)
     else:
         last = np.where(mask.any(axis=1), Tk - mask[:, ::-1].argmax(axis=1), 0)   # (Tq,) keys used
     rows = max(1, min(Tq, TILE_SCORES // Tk, Tq if mask is None else -(-Tq // 4)))
-    group = max(1, min(-(-batch // (2 * cpu.cpu_workers())), TILE_SCORES // (rows * Tk)))
+    group = max(1, min(-(-batch // (2 * workers)), TILE_SCORES // (rows * Tk)))
     return [(b0, min(b0 + group, batch), r0, min(r0 + rows, Tq), int(last[r0:r0 + rows].max()))
             for b0 in range(0, batch, group) for r0 in range(0, Tq, rows)]
 
@@ -362,8 +362,8 @@ def _tiled_attention(q, k, v, mask, scale):
     kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)
     nb = qs.shape[0]
     bias = None if mask is None else np.where(mask, 0, -np.inf).astype(q.dtype)  # (Tq, Tk)
-    tiles = _tiles(nb, Tq, Tk, None if mask is None else np.asarray(mask))
     workers = cpu.cpu_workers()
+    tiles = _tiles(nb, Tq, Tk, None if mask is None else np.asarray(mask), workers)
     y = np.zeros((nb, Tq, dv), q.dtype)
     lse = np.zeros((nb, Tq, 1), q.dtype)
 
@@ -422,7 +422,8 @@ def _tiled_attention(q, k, v, mask, scale):
 
         def backward_task(worker, i):
             b0, b1 = tasks[i][0][:2]
-            dk, dvs = np.zeros((b1 - b0,) + kf.shape[1:], q.dtype), np.zeros((b1 - b0,) + vf.shape[1:], q.dtype)
+            dk = np.zeros((b1 - b0,) + kf.shape[1:], q.dtype)                        # this slice's keys
+            dvs = np.zeros((b1 - b0,) + vf.shape[1:], q.dtype)
             for tile in tasks[i]:
                 backward_tile(*tile, dk, dvs)
             sums[i] = dk, dvs
