@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import DEVICES, grads_of, rand_tensor
+from conftest import DEVICES, grads_of, rand_array, rand_tensor
 
 from minimosaic import fast, memories as mm, ops, registry, tensor
 from minimosaic.fast import cpu, ops as fast_ops
@@ -108,7 +108,10 @@ OTHERS = {  # name: (replaced function, fn, shapes, domains)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", list(ATTENTION))
-def test_attention_replacement_equals_the_plain_attention(rng, case, dtype, device, workers, small_blocks, used):
+@pytest.mark.parametrize("shift_max", [np.inf, -1], ids=["shift by the bound", "shift by the row max"])
+def test_attention_replacement_equals_the_plain_attention(rng, case, dtype, device, workers, small_blocks, used,
+                                                          shift_max, monkeypatch):
+    monkeypatch.setattr(fast_ops, "BOUND_SHIFT_MAX", shift_max)   # every CPU tile takes one of its two shifts
     fn, shapes = ATTENTION[case]
     assert_replacement_agrees(case, fn, shapes, rng, dtype, device)
     assert used.get("memories.softmax_attention")
@@ -170,6 +173,38 @@ def test_tiled_attention_fully_masked_rows_give_zero(rng, workers, small_blocks)
         y.sum().backward()
     assert np.all(y.data[:, :, [0, 3]] == 0) and np.all(np.isfinite(k.grad)) and np.all(np.isfinite(v.grad))
     np.testing.assert_allclose(y.data, mm.softmax_attention.plain(k, k, v, mask).data, atol=1e-12)
+
+
+def test_tiled_attention_shifts_each_batch_entry_by_its_bound_or_beyond_it_by_the_row_max(rng, workers, small_blocks,
+                                                                                         monkeypatch):
+    """In float32, one batch entry with scores in the hundreds, whose bound would leave exp2 at 0, and the
+    others with scores of a few units. The others take the bound (the same bits as with it forced on every
+    entry), that one each row's max and rowsum(dP * P) (the same bits as with those forced on every entry),
+    and they agree with the plain attention."""
+    q, k, v = (rand_array((2, 3, 9, 4), rng).astype(np.float32) for _ in range(3))
+    q[1, 2] *= 40
+    bounds = np.linalg.norm(q, axis=-1) * np.linalg.norm(k, axis=-1).max(axis=-1, keepdims=True) / np.log(2)
+    beyond = np.zeros((2, 3), bool)
+    beyond[1, 2] = True
+    assert bounds[beyond].min() > fast_ops.BOUND_SHIFT_MAX > bounds[~beyond].max()    # (base 2)
+    upstream = rand_array((2, 3, 9, 4), rng).astype(np.float32)
+
+    def attention(shift_max):
+        monkeypatch.setattr(fast_ops, "BOUND_SHIFT_MAX", shift_max)
+        with fast.enabled(not np.isnan(shift_max)):  # (nan: the plain attention)
+            inputs = [Tensor(a, requires_grad=True) for a in (q, k, v)]
+            y, grads = grads_of(lambda q, k, v: mm.softmax_attention(q, k, v, MASK_STRICT), inputs, upstream)
+        return [y] + grads
+    chosen, bounded, by_row_max, plain = (attention(limit) for limit in
+                                          (fast_ops.BOUND_SHIFT_MAX, np.inf, -1, np.nan))
+    for mine, bound_everywhere, row_max_everywhere, exact in zip(chosen, bounded, by_row_max, plain):
+        np.testing.assert_array_equal(mine[~beyond], bound_everywhere[~beyond])
+        np.testing.assert_array_equal(mine[beyond], row_max_everywhere[beyond])
+        np.testing.assert_allclose(mine[~beyond], exact[~beyond], **TOLERANCE[np.float32])
+    # Beyond the bound: the output too (its gradients are the row max's, which the replacement test checks;
+    # with scores in the hundreds, float32 gradients differ from the plain core's beyond its tolerance).
+    np.testing.assert_allclose(chosen[0], plain[0], **TOLERANCE[np.float32])
+    assert not np.allclose(bounded[0][beyond], plain[0][beyond], atol=1e-3)  # the bound would be wrong there
 
 
 def test_normalize_of_a_zero_row_is_zero_with_a_finite_gradient_as_in_the_plain_core(rng, workers, small_blocks):

@@ -33,6 +33,7 @@ TILE_SCORES = cpu.l2_cache_bytes() // 4   # scores per attention tile: a core's 
 LOG2_E = 1 / math.log(2)
 SMALL_ATTENTION = 1 << 15   # scores below which the plain attention is faster (a generated token's)
 ROW_BLOCKS_PER_TASK = 4     # row blocks one thread runs in a row in the attention's backward (see _tiled_attention)
+BOUND_SHIFT_MAX = 63        # base 2: shifts up to this keep every exp2(s - shift) >= 2^-126, a normal float32
 STAGED_SUM_MIN = 1 << 20    # elements from which a multi-axis sum on CuPy goes axis by axis
 capture_product = None      # while a CUDA graph records: its recordable a @ b (cuda_graph.CaptureBlas)
 
@@ -271,10 +272,11 @@ def _layer_norm_gpu(x, weight, bias, eps):
 def softmax_attention(q, k, v, mask=None, scale=1.0, dropout=0.0):
     """memories.softmax_attention without dropout: tiled on the CPU, dense with kernels on a GPU.
 
-    Both keep P = e r (e = exp(scores - rowmax), r = 1 / rowsum e) or its row log-normalisers, never the
+    Both keep P = e r (e = exp(scores - shift), r = 1 / rowsum e) or its row log-normalisers, never the
     softmax's graph. The backward takes delta = rowsum(dP * P) from the same rounded dP and P that dS
     uses: when a head's key scale saturates, P's rows are one-hot, dP - delta is exactly 0 where P is
     1, and no rounding residue is amplified by the key scale (the identity delta = g . y would leave one).
+    The CPU's tiles take the identity only where a bound on the scores keeps that residue small.
     """
     if dropout:
         return NotImplemented
@@ -348,22 +350,57 @@ def _tiles(batch, Tq, Tk, mask, workers):
 def _tiled_attention(q, k, v, mask, scale):
     """Block by block on the pool (NumPy): each block of rows gets its scores, softmax and weighted sum
     while they are in cache. The (Tq, Tk) weights are never stored: the forward keeps the row
-    log-normalisers lse = max + log rowsum e, and the backward recomputes P = exp(s - lse) per block
-    (one more q k^T product, flash-attention style). A block holds whole rows, so delta = rowsum(dP * P)
-    is computed inside it, from the block's own dP and P. Scores are kept in base 2 (the queries scaled by
-    log2 e once): exp(s - m) = exp2(s log2 e - m log2 e), and NumPy's float32 exp2 is both faster than its
-    exp (~0.4 against ~0.7 ns per number on AVX-512) and more accurate (under 1 ulp)."""
+    log-normalisers lse = m + log rowsum e, and the backward recomputes P = exp(s - lse) per block
+    (one more q k^T product, flash-attention style). Scores are kept in base 2 (the keys scaled by
+    scale log2 e once): exp(s - m) = exp2(s log2 e - m log2 e), and NumPy's float32 exp2 is both faster
+    than its exp (~0.4 against ~0.7 ns per number on AVX-512) and more accurate (under 1 ulp).
+
+    Passes over the (rows, keys) blocks are what the products leave of the time, so two subtractions ride
+    inside the products, as one more column of the left operand against a column of ones on the right:
+    - the softmax's shift m. Softmax(s) = softmax(s - m) for any m; it need not be each row's max (a pass
+      for the max, NumPy's slowest, and one to subtract it). Here m_i = |q_i| max_j |k_j| >= s_ij
+      (Cauchy-Schwarz), known before the scores: then every exp2(s - m) lies in [2^-2m, 1], normal
+      float32 numbers, as exact as with the max, while m <= BOUND_SHIFT_MAX. The backward puts -lse
+      in the same column, so the product gives s - lse.
+    - delta = rowsum(dP * P), through the identity delta_i = g_i . y_i, so that the product gives dP - delta.
+    A batch entry whose bound is larger (a saturated key scale, s ~ e^11) shifts by each row's max and
+    takes delta from its own rounded dP and P, so that dS is exactly 0 where P is one-hot: the identity's
+    rounding residue would be amplified by s^2 there (docs/memory-mosaics.md, "Saturated heads").
+    """
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    Tq, (Tk, dv) = q.shape[-2], v.shape[-2:]
+    Tq, (Tk, dv), d = q.shape[-2], v.shape[-2:], q.shape[-1]
 
     def flat(a, n):
-        return np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1]))
-    qs = flat(q.data, Tq) * q.dtype.type(scale * LOG2_E)                         # (nb, Tq, d), scaled once
-    kf, vf = flat(k.data, Tk), flat(v.data, Tk)                                  # (nb, Tk, d), (nb, Tk, dv)
-    nb = qs.shape[0]
+        return np.broadcast_to(a, batch + a.shape[-2:]).reshape(-1, n, a.shape[-1])
+
+    def with_ones(a, factor=None, dot_with=None):
+        """[a factor, 1]: a (nb, n, width) copied into a new (nb, n, width + 1) on the pool (these copies
+        are most of the setup); and, where dot_with is given, each row's a . dot_with (nb, n, 1)."""
+        out, dots = np.empty(a.shape[:-1] + (a.shape[-1] + 1,), q.dtype), np.empty(a.shape[:-1] + (1,), q.dtype)
+
+        def fill(out, dots, a, b):
+            np.multiply(a, 1 if factor is None else factor, out=out[..., :-1])
+            out[..., -1] = 1
+            if dot_with is not None:
+                np.einsum("...j,...j->...", a, b, out=dots[..., 0])
+        cpu.map_blocks(fill, out, dots, a, a if dot_with is None else dot_with)
+        return out, dots
+    q_in, k_in = flat(q.data, Tq), flat(k.data, Tk)                              # (nb, T, d)
+    c = q.dtype.type(scale * LOG2_E)
+    q_ext, q_square = with_ones(q_in, dot_with=q_in)                             # [q, 1], |q_i|^2
+    k_one, k_square = with_ones(k_in, c, dot_with=None if k.data is q.data else k_in)   # [c k, 1]
+    if k.data is q.data:  # K K^T (the context memory): the same norms
+        k_square = q_square
+    qs, kf, vf = q_ext[..., :d], k_one[..., :d], flat(v.data, Tk)                # (nb, T, d) views
+    nb = q_ext.shape[0]
+    m = np.sqrt(q_square) * (abs(c) * np.sqrt(k_square.max(axis=(1, 2), keepdims=True)))  # (nb, Tq, 1)
+    by_row_max = m.max(axis=(1, 2)) > BOUND_SHIFT_MAX                            # (nb,): entries beyond the bound
+    m[by_row_max] = 0
+    np.negative(m, out=q_ext[..., d:])                                           # [q, -m]
     bias = None if mask is None else np.where(mask, 0, -np.inf).astype(q.dtype)  # (Tq, Tk)
     workers = cpu.cpu_workers()
     tiles = _tiles(nb, Tq, Tk, None if mask is None else np.asarray(mask), workers)
+    row_max_entries = {(b0, b1): np.flatnonzero(by_row_max[b0:b1]) for b0, b1, *_ in tiles}  # in each slice
     y = np.zeros((nb, Tq, dv), q.dtype)
     lse = np.zeros((nb, Tq, 1), q.dtype)
 
@@ -371,19 +408,21 @@ def _tiled_attention(q, k, v, mask, scale):
         b0, b1, r0, r1, kend = tiles[i]
         if kend == 0:  # every row fully masked: y = 0
             return
-        e = qs[b0:b1, r0:r1] @ kf[b0:b1, :kend].swapaxes(-1, -2)                 # (G, rows, kend)
+        e = q_ext[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)           # s - m, (G, rows, kend)
         if bias is not None:
             e += bias[r0:r1, :kend]
-        m = e.max(axis=-1, keepdims=True)
-        m[~np.isfinite(m)] = 0                  # fully masked rows: e = 0 below
-        e -= m
+        for entry in row_max_entries[b0, b1]:  # (m = 0 there: e = s)
+            row_max = e[entry].max(axis=-1, keepdims=True)
+            row_max[~np.isfinite(row_max)] = 0      # fully masked rows: e = 0 below
+            e[entry] -= row_max
+            m[b0 + entry, r0:r1] = row_max
         np.exp2(e, out=e)
         total = cpu.row_sum(e)
         total[total == 0] = 1
-        out = e @ vf[b0:b1, :kend]
+        out = y[b0:b1, r0:r1]
+        np.matmul(e, vf[b0:b1, :kend], out=out)
         out /= total
-        y[b0:b1, r0:r1] = out
-        lse[b0:b1, r0:r1] = m + np.log2(total)                                   # (base 2)
+        lse[b0:b1, r0:r1] = m[b0:b1, r0:r1] + np.log2(total)                     # (base 2)
 
     cpu.parallel_tiles(forward_tile, len(tiles), workers)
 
@@ -398,45 +437,47 @@ def _tiled_attention(q, k, v, mask, scale):
              for i in range(0, len(run), ROW_BLOCKS_PER_TASK)]
 
     def backward(g):
-        g = np.ascontiguousarray(g.reshape(nb, Tq, dv))
-        dq = np.zeros_like(qs)
-        # -lse rides along as one more column of the queries, against a column of ones on the keys:
-        # the product then gives s - lse directly, one pass over each tile of scores fewer.
-        q_lse = np.concatenate([qs, -lse], axis=-1)
-        k_one = np.concatenate([kf, np.ones(kf.shape[:-1] + (1,), q.dtype)], axis=-1)
+        g_ext, delta = with_ones(g.reshape(nb, Tq, dv), dot_with=y)              # [g, 1], g . y
+        v_one, _ = with_ones(vf)                                                 # [v, 1]
+        delta[by_row_max] = 0
+        np.negative(delta, out=g_ext[..., dv:])                                  # [g, -delta]
+        gs = g_ext[..., :dv]
+        np.negative(lse, out=q_ext[..., d:])
+        dq = np.zeros(qs.shape, q.dtype)
         sums = [None] * len(tasks)                                               # each task's (dk, dv)
 
         def backward_tile(b0, b1, r0, r1, kend, dk, dvs):
             if kend == 0:
                 return
-            p = q_lse[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
+            p = q_ext[b0:b1, r0:r1] @ k_one[b0:b1, :kend].swapaxes(-1, -2)       # s - lse
             if bias is not None:
                 p += bias[r0:r1, :kend]
             np.exp2(p, out=p)                                                    # P, (G, rows, kend)
-            dvs[:, :kend] += p.swapaxes(-1, -2) @ g[b0:b1, r0:r1]
-            ds = g[b0:b1, r0:r1] @ vf[b0:b1, :kend].swapaxes(-1, -2)             # dP
-            ds -= np.einsum("gij,gij->gi", ds, p)[..., None]                     # dP - rowsum(dP * P)
+            dvs[:, :kend] += p.swapaxes(-1, -2) @ gs[b0:b1, r0:r1]
+            ds = g_ext[b0:b1, r0:r1] @ v_one[b0:b1, :kend].swapaxes(-1, -2)      # dP - delta
+            for entry in row_max_entries[b0, b1]:  # (delta = 0 there: ds = dP)
+                ds[entry] -= np.einsum("ij,ij->i", ds[entry], p[entry])[:, None]
             ds *= p                                                              # dS / scale
             dq[b0:b1, r0:r1] = ds @ kf[b0:b1, :kend]
             dk[:, :kend] += ds.swapaxes(-1, -2) @ qs[b0:b1, r0:r1]
 
         def backward_task(worker, i):
             b0, b1 = tasks[i][0][:2]
-            dk = np.zeros((b1 - b0,) + kf.shape[1:], q.dtype)                        # this slice's keys
-            dvs = np.zeros((b1 - b0,) + vf.shape[1:], q.dtype)
+            dk = np.zeros((b1 - b0, Tk, d), q.dtype)                             # this slice's keys
+            dvs = np.zeros((b1 - b0, Tk, dv), q.dtype)
             for tile in tasks[i]:
                 backward_tile(*tile, dk, dvs)
             sums[i] = dk, dvs
 
         cpu.parallel_tiles(backward_task, len(tasks), workers)
-        dk, dvs = np.zeros_like(kf), np.zeros_like(vf)
+        dk, dvs = np.zeros((nb, Tk, d), q.dtype), np.zeros((nb, Tk, dv), q.dtype)
         for task, (dk_task, dv_task) in zip(tasks, sums):
             b0, b1 = task[0][:2]
             dk[b0:b1] += dk_task
             dvs[b0:b1] += dv_task
+        dq *= q.dtype.type(1 / LOG2_E)                                           # (kf carries scale log2 e)
         if scale != 1.0:
-            dq *= q.dtype.type(scale)
-        dk *= q.dtype.type(1 / LOG2_E)                                           # (qs carries log2 e)
+            dk *= q.dtype.type(scale)
 
         def shape(a, n):
             return a.reshape(batch + (n, a.shape[-1]))
