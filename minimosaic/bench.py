@@ -243,10 +243,15 @@ def matmul_peak_gflops(matmul, make, sync, n, repeats=5):
     return 2 * n**3 / best_seconds(lambda: matmul(a, b), repeats, sync) / 1e9
 
 
+_wait_for_turn = None   # in a lockstep child (run_bench(lockstep=True)): waits for its turn to step
+
+
 def time_steps(step, sync, steps, warmup):
     """Run step(i) warmup + steps times; (wall, process CPU) seconds of the last `steps`, synchronised."""
     times = []
     for i in range(warmup + steps):
+        if _wait_for_turn is not None:
+            _wait_for_turn()
         sync()
         wall, cpu = time.perf_counter(), time.process_time()
         step(i)
@@ -442,17 +447,37 @@ def measure_reference(model_name, path, s, device="cpu", steps=15, warmup=3, thr
 
 
 # ---------------------------------------------------------------- the children
+TURN = "minimosaic-bench: my turn is over"   # a lockstep child's line to the parent
+SETTLE_SECONDS = 0.2   # lockstep: pause before each turn, so that the last side's spinning threads sleep
+_turn_times = ([], [])   # a lockstep child's: when each turn began, when each ended (time.time())
+
+
 def _child_main(spec_path):
     """Entry point of a child: read the job, measure, write the result next to the job."""
+    global _wait_for_turn
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("lockstep"):
+        _wait_for_turn = _hand_over_turn
     measure = measure_ours if spec["side"] == "ours" else measure_reference
-    Path(spec["out"]).write_text(json.dumps(measure(**spec["job"])))
+    result = measure(**spec["job"])
+    if spec.get("lockstep"):  # (its set-up's turn and its last one, which ran to the end, left out)
+        result["turns"] = list(zip(_turn_times[0], _turn_times[1][1:]))
+    Path(spec["out"]).write_text(json.dumps(result))
 
 
-def _run_child(side, job, threads, workdir, index):
-    """Run one measurement in a fresh Python process with `threads` BLAS/OpenMP threads."""
+def _hand_over_turn():
+    """A lockstep child: tell the parent that this turn is over, and wait until it gives the next one."""
+    _turn_times[1].append(time.time())
+    print(TURN, flush=True)
+    if not sys.stdin.readline():
+        raise SystemExit("minimosaic bench: the parent process is gone")
+    _turn_times[0].append(time.time())
+
+
+def _child(side, job, threads, workdir, index, lockstep=False):
+    """(command, environment, result path) of a child measuring `job` with `threads` BLAS/OpenMP threads."""
     spec_path, out_path = Path(workdir) / f"job{index}.json", Path(workdir) / f"result{index}.json"
-    spec_path.write_text(json.dumps(dict(side=side, job=job, out=str(out_path))))
+    spec_path.write_text(json.dumps(dict(side=side, job=job, out=str(out_path), lockstep=lockstep)))
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[name] = str(threads)
@@ -460,13 +485,64 @@ def _run_child(side, job, threads, workdir, index):
         env.update(SAME_ALLOCATOR)
     package_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "minimosaic.bench", str(spec_path)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0 or not out_path.exists():
-        sys.stderr.write(proc.stderr[-4000:])  # the child's traceback, for whoever reads the log
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        return None, f"{side} {job['model_name']} failed (exit {proc.returncode}): {tail[0]}"
+    return [sys.executable, "-m", "minimosaic.bench", str(spec_path)], env, out_path
+
+
+def _child_result(side, job, returncode, stderr, out_path):
+    """(result, None), or (None, one line saying why not) with the child's traceback on our stderr."""
+    if returncode != 0 or not out_path.exists():
+        sys.stderr.write(stderr[-4000:])  # the child's traceback, for whoever reads the log
+        tail = stderr.strip().splitlines()[-1:] or ["no output"]
+        return None, f"{side} {job['model_name']} failed (exit {returncode}): {tail[0]}"
     return json.loads(out_path.read_text()), None
+
+
+def _run_child(side, job, threads, workdir, index):
+    """Run one measurement in a fresh Python process."""
+    command, env, out_path = _child(side, job, threads, workdir, index)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    return _child_result(side, job, proc.returncode, proc.stderr or proc.stdout, out_path)
+
+
+def _run_children_in_lockstep(jobs, threads, workdir, first_index):
+    """Run all the jobs' children at once, but one of them at a time: each sets itself up alone, then they
+    take turns, one training step each (the order reversed every other step), and each measures the rest
+    (peak matmul, generation) alone after its last step. A slow spell of a shared machine then falls on
+    every side alike, which separate runs minutes apart cannot promise. [(result, error)] in job order."""
+    children = []
+    for index, (side, job) in enumerate(jobs, first_index):
+        command, env, out_path = _child(side, job, threads, workdir, index, lockstep=True)
+        stderr = open(Path(workdir) / f"stderr{index}.txt", "w+")
+        proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=stderr, text=True)
+        children.append(dict(side=side, job=job, proc=proc, stderr=stderr, out=out_path))
+        children[-1]["waiting"] = _turn_over(proc)   # its set-up, alone
+    turn = 0
+    while any(child["waiting"] for child in children):
+        for child in children if turn % 2 == 0 else children[::-1]:
+            if child["waiting"]:
+                time.sleep(SETTLE_SECONDS)
+                child["proc"].stdin.write("go\n")
+                child["proc"].stdin.flush()
+                child["waiting"] = _turn_over(child["proc"])   # False once it has finished
+        turn += 1
+    results = []
+    for child in children:
+        child["proc"].stdin.close()
+        returncode = child["proc"].wait()
+        child["stderr"].seek(0)
+        results.append(_child_result(child["side"], child["job"], returncode, child["stderr"].read(),
+                                     child["out"]))
+        child["stderr"].close()
+    return results
+
+
+def _turn_over(proc):
+    """Wait until a lockstep child hands its turn back (True) or exits (False)."""
+    for line in proc.stdout:
+        if line.rstrip("\n") == TURN:
+            return True
+    return False
 
 
 def _torch_available():
@@ -495,7 +571,7 @@ def _machine(device, threads):
 def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu", steps=15, warmup=3,
               reference_file=None, reference_gpt_file=None, generation=True, json_path=None,
               threads=None, gen_context=512, tf32=False, cuda_graph=True, plain=False, also_plain=False,
-              same_allocator=False, rounds=1, progress=None):
+              same_allocator=False, rounds=1, lockstep=False, progress=None):
     """Benchmark `model` ('mosaic', 'gpt' or 'both') at `preset` + `overrides`; returns a JSON-able dict.
 
     Each model is measured in its own child process: ours, then the official code in each reference
@@ -509,7 +585,9 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     `rounds` > 1 times every side that many times, round after round (each round runs every side once),
     and reports each ratio's value in every round and its median (`ratio_medians`); `runs` and `ratios`
     are then the last round's. A shared machine drifts over minutes, and interleaved rounds let the
-    drift hit both sides alike. `progress(line)` is called before each child starts. With `json_path`
+    drift hit both sides alike. `lockstep` goes further: all sides' children run at once and take turns,
+    one training step each, so that even a slow spell of seconds falls on every side alike (their peak
+    memory is still each child's own). `progress(line)` is called before children start. With `json_path`
     the result is also written there. A missing torch skips the reference with a note; a reference that
     fails to run is reported in `notes` too, so our own numbers still come back.
     """
@@ -548,12 +626,19 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     with tempfile.TemporaryDirectory(prefix="minimosaic-bench-") as workdir:
         for round_index in range(rounds):
             runs = []
-            for index, (side, job) in enumerate(jobs):
+            which = f"round {round_index + 1}/{rounds}: " if rounds > 1 else ""
+            if lockstep:
                 if progress:
-                    which = f"round {round_index + 1}/{rounds}: " if rounds > 1 else ""
-                    progress(f"{which}timing {job['model_name']} "
-                             f"({'minimosaic' if side == 'ours' else 'official torch'})...")
-                result, error = _run_child(side, job, threads, workdir, round_index * len(jobs) + index)
+                    progress(f"{which}timing {len(jobs)} sides in lockstep, a step of each in turn...")
+                outcomes = _run_children_in_lockstep(jobs, threads, workdir, round_index * len(jobs))
+            else:
+                outcomes = []
+                for index, (side, job) in enumerate(jobs):
+                    if progress:
+                        progress(f"{which}timing {job['model_name']} "
+                                 f"({'minimosaic' if side == 'ours' else 'official torch'})...")
+                    outcomes.append(_run_child(side, job, threads, workdir, round_index * len(jobs) + index))
+            for result, error in outcomes:
                 if error:  # reported, and the other sides still run
                     notes.append(error)
                 else:
@@ -565,7 +650,8 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     _use_best_peaks([run for runs in every_round for run in runs])
     runs = every_round[-1]
     result = dict(preset=preset, settings=settings, steps=steps, warmup=warmup, tf32=common["tf32"],
-                  machine=_machine(device, threads), runs=runs, ratios=_ratios(runs), notes=notes)
+                  lockstep=lockstep, machine=_machine(device, threads), runs=runs, ratios=_ratios(runs),
+                  notes=notes)
     if rounds > 1:
         result.update(rounds=rounds, ratio_medians=_ratio_medians([_ratios(r) for r in every_round]))
     if json_path:
@@ -652,7 +738,8 @@ def format_table(result):
         f"pmem {s['pmem_size']}, dropout {s['dropout']}, bias {s['bias']}",
         f"{m['device']} ({m['cpu']}, {m['threads']} threads, load average {m['load_average'] or 0:.1f} "
         f"at start); {result['steps']} timed steps after "
-        f"{result['warmup']} warm-up; train step = forward + cross entropy + backward + AdamW, fp32",
+        f"{result['warmup']} warm-up{', the sides in lockstep' if result.get('lockstep') else ''}; "
+        f"train step = forward + cross entropy + backward + AdamW, fp32",
     ]
     runs = result["runs"]
     if runs:

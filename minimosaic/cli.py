@@ -607,6 +607,9 @@ def bench(
                                              "keeps freed memory), beside it as its users run it"),
     rounds: int = typer.Option(1, min=1, help="time every side this many times, round after round, and "
                                               "report each ratio's median (a shared machine drifts)"),
+    lockstep: bool = typer.Option(False, "--lockstep",
+                                  help="run all sides at once, taking turns one training step each, so that "
+                                       "a slow spell of the machine falls on every side alike"),
 ):
     from . import bench as benchmarks, fast
 
@@ -616,7 +619,7 @@ def bench(
         generation=generation, json_path=json_out, threads=threads, gen_context=gen_context,
         tf32=tf32, cuda_graph=not no_cuda_graph, progress=lambda line: typer.echo(line, err=True),
         plain=plain or fast.plain_requested(), also_plain=also_plain, same_allocator=same_allocator,
-        rounds=rounds)
+        rounds=rounds, lockstep=lockstep)
     typer.echo(benchmarks.format_table(result))
 
 

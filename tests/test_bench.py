@@ -231,6 +231,32 @@ def test_also_plain_runs_both_cores_in_children():
     assert result["runs"][0]["loss_first"] == pytest.approx(result["runs"][1]["loss_first"], rel=1e-5)
 
 
+def test_lockstep_runs_the_sides_at_once_one_step_at_a_time(monkeypatch):
+    """--lockstep: every side's child runs at the same time, yet their training steps never overlap: the
+    turns (one step each) of all children lie one after another, and every side still gets its numbers."""
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.01)
+    result = bench.run_bench("char-small", model="both", overrides=TINY_OVERRIDES, steps=3, warmup=1,
+                             generation=False, also_plain=True, lockstep=True)
+    runs = result["runs"]
+    assert len(runs) == 4 and result["lockstep"] and not result["notes"]
+    assert all(len(run["turns"]) == 3 for run in runs)   # warm-up + steps, less the last (run to the end)
+    spans = sorted(span for run in runs for span in run["turns"])
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+    assert len({tuple(run["turns"][0]) for run in runs}) == 4
+    assert "the sides in lockstep" in bench.format_table(result)
+
+
+def test_a_side_that_fails_in_lockstep_is_a_note_and_the_others_run_on(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "SETTLE_SECONDS", 0.01)
+    broken = tmp_path / "mosaic_model.py"
+    broken.write_text("raise RuntimeError('boom in the official code')\n")
+    result = bench.run_bench("char-small", model="mosaic", overrides=TINY_OVERRIDES, steps=2, warmup=0,
+                             generation=False, reference_file=str(broken), lockstep=True)
+    assert [run["label"] for run in result["runs"]] == ["mosaic (minimosaic)"]
+    assert result["notes"] == ["reference mosaic failed (exit 1): RuntimeError: boom in the official code"]
+
+
 def test_same_allocator_gives_the_official_process_our_malloc_setting(tmp_path, monkeypatch):
     """--same-allocator: the official code's child gets MALLOC_MMAP_MAX_=0 and a 1 GiB trim threshold
     (what fast.cpu.keep_freed_memory sets with mallopt); as shipped, it gets glibc's defaults."""
@@ -347,3 +373,30 @@ def test_tile_sweep_times_every_size_and_each_gives_the_rules_results(monkeypatc
         assert r["max_difference"] < 1e-5, r["name"]
     assert fast_ops.TILE_SCORES == 64 and cpu.BLOCK_ELEMENTS == 64
     assert "best / rule's" in tile_sweep.table(results)
+
+
+def test_ab_steps_alternates_an_earlier_fast_layer_with_todays_and_restores_todays(tmp_path):
+    """benchmarks/ab_steps.py on a tiny model: an 'earlier' fast/ops.py (today's, its matmul counting its
+    calls) and today's each time every step, the earlier one's replacements really run, and afterwards
+    today's fast layer is registered again."""
+    from minimosaic import fast, registry
+    from minimosaic.fast import ops as fast_ops
+    ab_steps = load_benchmark("ab_steps")
+    earlier = tmp_path / "ops.py"
+    earlier.write_text(Path(fast_ops.__file__).read_text() + (
+        "\nCALLS = []\n_today_matmul = REPLACEMENTS['ops.matmul']\n\n\n"
+        "def counting_matmul(*args, **kwargs):\n    CALLS.append(1)\n    return _today_matmul(*args, **kwargs)\n\n\n"
+        "REPLACEMENTS['ops.matmul'] = counting_matmul\n"))
+    overrides = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=2, pmem_size=24)
+    try:
+        before = ab_steps.load_before(str(earlier))
+        times = ab_steps.compare(before, "char-small", "mosaic", steps=2, warmup=1, overrides=overrides)
+        calls = registry.registered()["ops.matmul"]
+        assert fast.is_enabled() and len(calls) == 1 and calls[0] is fast_ops.REPLACEMENTS["ops.matmul"]
+    finally:
+        fast.disable()
+    assert sorted(times) == ["before", "today"] and all(len(t) == 2 and min(t) > 0 for t in times.values())
+    assert len(before["ops.matmul"].__globals__["CALLS"]) >= 3 * 2   # its steps (warm-up and timed) ran it
+    assert "median step" in ab_steps.report(times, str(earlier), "char-small", "mosaic")
+    with pytest.raises(SystemExit, match="neither a file nor a git revision"):
+        ab_steps.load_before("no-such-revision-anywhere")
