@@ -587,7 +587,9 @@ def run_bench(preset="char-small", model="mosaic", overrides=None, device="cpu",
     are then the last round's. A shared machine drifts over minutes, and interleaved rounds let the
     drift hit both sides alike. `lockstep` goes further: all sides' children run at once and take turns,
     one training step each, so that even a slow spell of seconds falls on every side alike (their peak
-    memory is still each child's own). `progress(line)` is called before children start. With `json_path`
+    memory is still each child's own). That is fair to processes whose memory stays put between steps, not
+    to the official code as shipped, whose per-step page faults cost more when other processes run in
+    between. `progress(line)` is called before children start. With `json_path`
     the result is also written there. A missing torch skips the reference with a note; a reference that
     fails to run is reported in `notes` too, so our own numbers still come back.
     """

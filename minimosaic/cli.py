@@ -609,7 +609,8 @@ def bench(
                                               "report each ratio's median (a shared machine drifts)"),
     lockstep: bool = typer.Option(False, "--lockstep",
                                   help="run all sides at once, taking turns one training step each, so that "
-                                       "a slow spell of the machine falls on every side alike"),
+                                       "a slow spell of the machine falls on every side alike (not fair to "
+                                       "the official code as shipped, whose page faults then cost more)"),
 ):
     from . import bench as benchmarks, fast
 

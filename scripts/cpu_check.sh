@@ -4,10 +4,9 @@
 #   bash scripts/cpu_check.sh [quick|full] [OUT_DIR]
 #
 # full (about 25 minutes on 2 cores): what this CPU does with the step's building blocks
-#   (op_profile --cpu-rates), the tile and block sizes swept (tile_sweep), `minimosaic bench --lockstep`
-#   (every side's steps taking turns) on char-small (3 rounds, both models, the official code as shipped
-#   and with the same allocator, the plain core beside the fast layer), tok-small and char-medium, and,
-#   where mpiexec is found, data_parallel.py.
+#   (op_profile --cpu-rates), the tile and block sizes swept (tile_sweep), `minimosaic bench` on
+#   char-small (3 rounds, both models, the official code as shipped and with the same allocator, the plain
+#   core beside the fast layer), tok-small and char-medium, and, where mpiexec is found, data_parallel.py.
 # quick (about 3 minutes): the same stages on a few steps, to see that they run.
 # Needs (git-ignored, never committed): mosaic_model.py and gpt_model.py, the official code, in reference/
 # (or in the folder CPU_CHECK_REFERENCE names) for the official columns; without them, our side alone.
@@ -54,10 +53,10 @@ for preset in char-small tok-small; do
   TAIL=9 stage "sweep-$preset" $py benchmarks/tile_sweep.py --preset "$preset" --repeats "$repeats"
 done
 TAIL=30 stage bench-char-small $py -m minimosaic.cli bench --preset char-small --model both --rounds "$rounds" \
-  --lockstep --also-plain --no-generation --same-allocator ${mosaic_reference[@]+"${mosaic_reference[@]}"} \
+  --also-plain --no-generation --same-allocator ${mosaic_reference[@]+"${mosaic_reference[@]}"} \
   ${gpt_reference[@]+"${gpt_reference[@]}"} "${steps[@]}" --json "$out/bench-char-small.json"
 for preset in tok-small char-medium; do
-  TAIL=20 stage "bench-$preset" $py -m minimosaic.cli bench --preset "$preset" --model mosaic --also-plain --lockstep \
+  TAIL=20 stage "bench-$preset" $py -m minimosaic.cli bench --preset "$preset" --model mosaic --also-plain \
     --no-generation --same-allocator ${mosaic_reference[@]+"${mosaic_reference[@]}"} "${big_steps[@]}" \
     --json "$out/bench-$preset.json"
 done
