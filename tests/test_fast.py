@@ -237,12 +237,14 @@ def test_gelu_float32_is_within_float32_rounding_of_the_exact_gelu_where_it_matt
     assert y.data[-4] == 0 and y.data[-2] == 30 and y.data[-1] == 0
 
 
-def test_attention_with_dropout_or_few_scores_is_left_to_the_plain_core(rng):
+def test_attention_with_dropout_few_scores_or_float16_is_left_to_the_plain_core(rng):
     q = rand_tensor((2, 4, 3), rng=rng)
     assert fast_ops.softmax_attention(q, q, q, None, 1.0, dropout=0.1) is NotImplemented
     assert fast_ops.softmax_attention(q, q, q, None, 1.0) is NotImplemented  # 32 scores: plain is faster
     big = rand_tensor((4, 128, 8), rng=rng)
     assert fast_ops.softmax_attention(big, big, big, None, 1.0) is not NotImplemented
+    half = Tensor(big.data.astype(np.float16))   # the plain op computes it in float32
+    assert fast_ops.softmax_attention(half, half, half, None, 1.0) is NotImplemented
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -281,6 +281,8 @@ def softmax_attention(q, k, v, mask=None, scale=1.0, dropout=0.0):
     if dropout:
         return NotImplemented
     if _on_numpy(q.data):
+        if q.dtype not in (np.float32, np.float64):
+            return NotImplemented  # (float16: the plain op computes in float32; the bound assumes its range)
         scores = math.prod(np.broadcast_shapes(q.shape[:-1], k.shape[:-2] + (1,))) * k.shape[-2]
         return NotImplemented if scores < SMALL_ATTENTION else _tiled_attention(q, k, v, mask, scale)
     return _dense_attention(q, k, v, mask, scale)
