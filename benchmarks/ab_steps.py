@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minimosaic import bench, fast, models, nn, optim, registry  # noqa: E402
+from minimosaic import bench, fast, registry  # noqa: E402
 from minimosaic.fast import ops as fast_ops  # noqa: E402
 
 
@@ -61,9 +61,7 @@ def compare(before, preset="char-small", model_name="mosaic", steps=20, warmup=3
     versions = {"before": before, "today": fast_ops.REPLACEMENTS}
     fast.enable()   # (also glibc's allocator settings, for both)
     s = bench.resolve_settings(preset, overrides)
-    nn.manual_seed(0)
-    model = models.build_model(bench.model_config(model_name, s))
-    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    model, opt = bench.model_and_optimizer(model_name, s)
     batches = bench._random_batches(s, 2)
 
     def step(i):

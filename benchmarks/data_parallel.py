@@ -47,17 +47,13 @@ from minimosaic.fast import distributed  # noqa: E402
 
 # ---------------------------------------------------------------- the workers (one per rank)
 def worker_ours(preset, model_name, steps, warmup, rows_of=1, alone=False):
-    from minimosaic import fast, models, nn, optim
+    from minimosaic import fast
     from minimosaic.train import training_step
 
     fast.enable()
     world = distributed.world_from_environment()
     s = bench.resolve_settings(preset)
-    config = bench.model_config(model_name, s)
-    nn.manual_seed(0)
-    model = models.build_model(config)
-    model.train()
-    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    model, opt = bench.model_and_optimizer(model_name, s)
     batches = bench._random_batches(s, warmup + steps)  # the same global batches on every rank
 
     def step(i):

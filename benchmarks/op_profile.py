@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimosaic import backend, bench, fast, memories, models, nn, ops, optim, tensor  # noqa: E402
+from minimosaic import backend, bench, fast, memories, models, ops, tensor  # noqa: E402
 
 COMPOSITES = {"as_tensor", "shift", "masked_fill"}      # built from other ops: timed through those
 MEMORY_OPS = ("leaky_average", "peek_ahead", "normalize", "head_decay", "head_scale", "softmax_attention")
@@ -100,10 +100,7 @@ def profile(preset, device, model_name, steps, warmup, overrides=None, plain=Fal
     xp = backend.array_module(device)
     sync = lambda: bench._sync(xp)  # noqa: E731
     s = bench.resolve_settings(preset, overrides)
-    config = bench.model_config(model_name, s)
-    nn.manual_seed(0)
-    model = models.build_model(config).to(device)
-    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    model, opt = bench.model_and_optimizer(model_name, s, device)
     batches = backend.to_device(bench._random_batches(s, warmup + steps), device)
 
     def step(i, parts=None):

@@ -278,6 +278,17 @@ def _generation_lengths(s, gen_context):
     return prompt, context - prompt
 
 
+def model_and_optimizer(model_name, s, device="cpu"):
+    """The model every timing of ours uses (nn seed 0, training mode, on `device`) and its AdamW (weight
+    decay 0.1 where weight_decay_groups puts it, lr 1e-4): bench, op_profile, ab_steps, data_parallel."""
+    from . import models, nn, optim
+
+    nn.manual_seed(0)
+    model = models.build_model(model_config(model_name, s)).to(device)
+    model.train()
+    return model, optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+
+
 def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=True, gen_context=512,
                  tf32=False, cuda_graph=True, plain=False):
     """Time our model (built with models.build_model) under the bench protocol; a result dict.
@@ -286,7 +297,7 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
     on (not plain) and on a GPU with cuda_graph, it is replayed from a CUDA graph (fast/cuda_graph.py)
     after one eager step and the capture, both in the warm-up (which then has at least 2 steps), unless
     why_not_captured gives a reason (then it runs eagerly). plain: the plain core, no fast layer."""
-    from . import fast, models, nn, optim
+    from . import fast
     from .fast.cuda_graph import GraphedTrainingStep, why_not_captured
     from .tensor import no_grad
     from .train import training_step
@@ -298,12 +309,7 @@ def measure_ours(model_name, s, device="cpu", steps=15, warmup=3, generation=Tru
         backend.set_tf32(tf32)
     sync = lambda: _sync(xp)  # noqa: E731
     rss_base = _rss_now_mb()
-    config = model_config(model_name, s)
-    config.validate()
-    nn.manual_seed(0)
-    model = models.build_model(config).to(device)
-    model.train()
-    opt = optim.AdamW(optim.weight_decay_groups(model.named_parameters(), 0.1), lr=1e-4)
+    model, opt = model_and_optimizer(model_name, s, device)
     graphed = cuda_graph and why_not_captured(backend.normalize_device(device), 0.0, 1) is None
     warmup = max(warmup, 2) if graphed else warmup
     batches = backend.to_device(_random_batches(s, warmup + steps), device)
